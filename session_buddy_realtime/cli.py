@@ -1,0 +1,184 @@
+"""The ``session-buddy-realtime`` command: ``serve`` and ``watch``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from session_buddy_realtime._version import __version__
+from session_buddy_realtime.demo import DEFAULT_DEMO_DB_PATH, DemoWriter, prepare_demo_database
+from session_buddy_realtime.errors import RealtimeError
+from session_buddy_realtime.server import DEFAULT_DB_PATH, RealTimeMetricsServer
+from session_buddy_realtime.watch import DEFAULT_URL, watch
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("session_buddy_realtime.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the command and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="session-buddy-realtime",
+        description="Stream live Session-Buddy skill metrics over WebSocket.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the WebSocket server",
+        description="Run the realtime metrics server until Ctrl-C.",
+    )
+    serve.add_argument("--host", default="localhost", help="address to listen on (localhost)")
+    serve.add_argument("--port", type=_port, default=8765, help="port, 0 for any free (8765)")
+    serve.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help=f"skills database ({DEFAULT_DB_PATH}; with --demo {DEFAULT_DEMO_DB_PATH})",
+    )
+    serve.add_argument(
+        "--interval", type=_interval, default=1.0, help="seconds between updates (1.0)"
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="create a demo database if missing and keep writing invocations into it",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level on stderr (info)",
+    )
+
+    watch_cmd = commands.add_parser(
+        "watch",
+        help="print the stream of a running server",
+        description="Connect to a server and print what it sends.",
+    )
+    watch_cmd.add_argument("skill", nargs="?", default=None, help="follow one skill only")
+    watch_cmd.add_argument("--url", default=DEFAULT_URL, help=f"server URL ({DEFAULT_URL})")
+    watch_cmd.add_argument("--ping", action="store_true", help="measure one ping/pong and exit")
+    watch_cmd.add_argument("--json", action="store_true", help="print raw JSON, one per line")
+    watch_cmd.add_argument(
+        "--count", type=_positive_int, default=None, help="exit after N metrics updates"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            _configure_logging(args.log_level)
+            return asyncio.run(_serve(args))
+        return asyncio.run(
+            watch(
+                args.url,
+                args.skill,
+                ping=args.ping,
+                as_json=args.json,
+                count=args.count,
+                out=sys.stdout,
+                err=sys.stderr,
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    db_path: Path = args.db or (DEFAULT_DEMO_DB_PATH if args.demo else DEFAULT_DB_PATH)
+    writer: DemoWriter | None = None
+    try:
+        if args.demo:
+            if await prepare_demo_database(db_path):
+                logger.info("created demo database %s", db_path)
+            writer = DemoWriter(db_path)
+        server = RealTimeMetricsServer(
+            host=args.host, port=args.port, db_path=db_path, update_interval=args.interval
+        )
+        await server.start()
+    except (RealtimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    writer_task = asyncio.create_task(writer.run()) if writer is not None else None
+    print(f"Streaming skill metrics from {db_path} on {', '.join(server.urls)}", flush=True)
+    print(f"Watch it with: session-buddy-realtime watch --url {server.urls[0]}", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    try:
+        if writer_task is not None:
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({stopped, writer_task}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if writer_task.done() and writer_task.exception() is not None:
+                logger.error("demo writer stopped: %s", writer_task.exception())
+        else:
+            await stop.wait()
+    finally:
+        if writer is not None and writer_task is not None:
+            writer.stop()
+            with contextlib.suppress(Exception):
+                await writer_task
+        await server.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    print("Stopped.", flush=True)
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Per-connection chatter of the WebSocket library only at debug level.
+    if level != "debug":
+        logging.getLogger("session_buddy_realtime.websockets").setLevel(logging.WARNING)
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text, allow_zero=True)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {value}")
+    return value
+
+
+def _positive_int(text: str, *, allow_zero: bool = False) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"must be {'0 or more' if allow_zero else 'positive'}")
+    return value
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0.05:
+        raise argparse.ArgumentTypeError("interval must be at least 0.05 seconds")
+    return value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,404 @@
+"""Reading skill metrics and anomalies from Session-Buddy's skills database.
+
+``MetricsSource`` wraps one ``aiosqlite.Connection`` (the server's own read-only one,
+or the host's, shared). It never writes, never changes the connection's
+``row_factory``, and re-runs its queries only when the database changed: the change
+token combines ``PRAGMA data_version`` (commits by other connections) with the
+connection's ``total_changes`` (writes made through this very connection, which
+``data_version`` does not report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Final
+
+import aiosqlite
+
+from session_buddy_realtime.detection import DetectionSettings, Finding, WindowStats, detect
+from session_buddy_realtime.protocol import format_timestamp
+from session_buddy_realtime.schema import missing_tables
+
+__all__ = [
+    "ANOMALY_WINDOW",
+    "MAX_ANOMALIES",
+    "TOP_SKILLS_LIMIT",
+    "MetricsSnapshot",
+    "MetricsSource",
+    "SourceState",
+]
+
+logger = logging.getLogger(__name__)
+
+TOP_SKILLS_LIMIT: Final = 10
+ANOMALY_WINDOW: Final = 3600.0
+"""Seconds for which an unresolved row of ``skill_anomalies`` is reported."""
+MAX_ANOMALIES: Final = 50
+"""Anomalies per ``metrics_update`` for all skills (most severe first)."""
+_MAX_TABLE_ANOMALIES: Final = 500
+_IN_CHUNK: Final = 500
+_UNIX_EPOCH_JULIAN_DAY: Final = 2440587.5
+
+_SKILL_COLUMNS: Final = (
+    "skill_name, total_invocations, completed_invocations, completion_rate, "
+    "avg_duration_seconds, last_invoked"
+)
+_TOP_SQL: Final = (
+    f"SELECT {_SKILL_COLUMNS} FROM skill_metrics "  # noqa: S608
+    "ORDER BY total_invocations DESC, skill_name LIMIT ?"
+)
+# The text prefilter uses the index (ISO values of any style share the date prefix);
+# the julianday() comparison then compares times as times, whatever the separator or
+# time-zone suffix.
+_TABLE_ANOMALIES_SQL: Final = """
+SELECT skill_name, detected_at, anomaly_type, baseline_value, observed_value,
+       deviation_score, julianday(detected_at) AS detected_jd
+FROM skill_anomalies
+WHERE (resolved_at IS NULL OR resolved_at = '')
+  AND detected_at >= :prefix
+  AND julianday(detected_at) >= :since
+ORDER BY detected_jd DESC
+LIMIT :limit
+"""
+_WINDOW_STATS_SQL: Final = """
+SELECT skill_name,
+       SUM(jd >= :recent),
+       SUM(jd >= :recent AND completed = 1),
+       SUM(jd >= :recent AND completed = 1 AND duration_seconds IS NOT NULL),
+       TOTAL(CASE WHEN jd >= :recent AND completed = 1 THEN duration_seconds END),
+       SUM(jd < :recent),
+       SUM(jd < :recent AND completed = 1),
+       SUM(jd < :recent AND completed = 1 AND duration_seconds IS NOT NULL),
+       TOTAL(CASE WHEN jd < :recent AND completed = 1 THEN duration_seconds END),
+       TOTAL(CASE WHEN jd < :recent AND completed = 1
+                  THEN duration_seconds * duration_seconds END),
+       MAX(CASE WHEN jd >= :recent THEN jd END)
+FROM (
+    SELECT skill_name, completed, duration_seconds, julianday(invoked_at) AS jd
+    FROM skill_invocation
+    WHERE invoked_at >= :prefix
+)
+WHERE jd >= :baseline
+GROUP BY skill_name
+HAVING SUM(jd >= :recent) >= :min_recent
+"""
+
+
+class SourceState(StrEnum):
+    """Health of the data source, carried in every ``metrics_update``."""
+
+    OK = "ok"
+    MISSING_TABLES = "missing_tables"
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class _Anomaly:
+    payload: dict[str, Any]
+    expires_at: float
+    skill_name: str
+
+
+@dataclass(slots=True)
+class MetricsSnapshot:
+    """One consistent reading of the database, shaped for the protocol."""
+
+    top_skills: list[dict[str, Any]]
+    skills: dict[str, dict[str, Any] | None]
+    anomalies: list[dict[str, Any]]
+    state: SourceState
+    message: str | None
+    as_of: str | None
+
+    def data(self, skill: str | None) -> dict[str, Any]:
+        """Return the ``data`` object of a ``metrics_update`` for all skills or one."""
+        if skill is None:
+            return {"top_skills": self.top_skills, "anomalies": self.anomalies[:MAX_ANOMALIES]}
+        row = self.skills.get(skill)
+        return {
+            "top_skills": [] if row is None else [row],
+            "anomalies": [a for a in self.anomalies if a["skill_name"] == skill],
+        }
+
+    def source(self) -> dict[str, Any]:
+        """Return the ``source`` object: state, staleness and age of the data."""
+        return {
+            "state": self.state.value,
+            "stale": self.state is not SourceState.OK,
+            "as_of": self.as_of,
+            "message": self.message,
+        }
+
+
+@dataclass(slots=True)
+class _Cache:
+    token: tuple[int, int] | None = None
+    top: list[dict[str, Any]] = field(default_factory=list)
+    rows: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    table_anomalies: list[_Anomaly] = field(default_factory=list)
+    live_anomalies: list[_Anomaly] = field(default_factory=list)
+    as_of: str | None = None
+
+
+class MetricsSource:
+    """Reads top skills, per-skill rows and anomalies, re-querying only on change.
+
+    Args:
+        db: An open connection. It is only read, and its ``row_factory`` is left as is.
+        detection: Windows and thresholds of live anomaly detection.
+        clock: Returns the current Unix time; tests pass a fixed clock.
+    """
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        *,
+        detection: DetectionSettings | None = None,
+        clock: Any = time.time,
+    ) -> None:
+        self._db = db
+        self._detection = detection or DetectionSettings()
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._cache = _Cache()
+        self._live_since: dict[tuple[str, str], str] = {}
+        self._state = SourceState.OK
+        self._message: str | None = None
+        self.queries = 0
+        """Number of data queries run (change checks not counted)."""
+        self.refreshes = 0
+        """Number of full refreshes (the database had changed)."""
+
+    @property
+    def state(self) -> SourceState:
+        """Health after the last read."""
+        return self._state
+
+    @property
+    def message(self) -> str | None:
+        """What is wrong, when ``state`` is not ``ok``."""
+        return self._message
+
+    async def read(self, skills: Set[str] = frozenset()) -> MetricsSnapshot:
+        """Return the current metrics, including the rows of ``skills``.
+
+        Queries run only when the database changed since the last read, or for skills
+        not read before. On a database error the last good data is returned with
+        ``state`` saying what is wrong; the error is logged once, not on every read.
+        """
+        async with self._lock:
+            now = self._clock()
+            try:
+                await self._refresh(skills, now)
+            except (sqlite3.Error, ValueError) as exc:
+                await self._fail(exc)
+            else:
+                self._set_state(SourceState.OK, None)
+            return self._snapshot(skills, now)
+
+    async def _refresh(self, skills: Set[str], now: float) -> None:
+        token = await self._change_token()
+        cache = self._cache
+        if token != cache.token or self._state is not SourceState.OK:
+            top = await self._fetch_skill_rows(_TOP_SQL, (TOP_SKILLS_LIMIT,))
+            rows: dict[str, dict[str, Any] | None] = {row["skill_name"]: row for row in top}
+            await self._fetch_named_rows(rows, skills)
+            table = await self._fetch_table_anomalies(now)
+            live = await self._fetch_live_anomalies(now)
+            cache.token, cache.top, cache.rows = token, top, rows
+            cache.table_anomalies, cache.live_anomalies = table, live
+            cache.as_of = format_timestamp(datetime.fromtimestamp(now, UTC))
+            self.refreshes += 1
+        else:
+            await self._fetch_named_rows(cache.rows, skills)
+
+    async def _change_token(self) -> tuple[int, int]:
+        rows = await self._fetch("PRAGMA data_version", ())
+        return (int(rows[0][0]), self._db.total_changes)
+
+    async def _fetch(self, sql: str, parameters: Sequence[Any] | dict[str, Any]) -> list[Any]:
+        # A cursor of our own with the default row factory: rows are plain tuples
+        # whatever the host set on its connection.
+        cursor = await self._db.cursor()
+        try:
+            cursor.row_factory = None
+            await cursor.execute(sql, parameters)
+            return list(await cursor.fetchall())
+        finally:
+            await cursor.close()
+
+    async def _fetch_skill_rows(self, sql: str, parameters: Sequence[Any]) -> list[dict[str, Any]]:
+        self.queries += 1
+        return [_skill_row(row) for row in await self._fetch(sql, parameters)]
+
+    async def _fetch_named_rows(
+        self, rows: dict[str, dict[str, Any] | None], skills: Iterable[str]
+    ) -> None:
+        wanted = sorted(name for name in skills if name not in rows)
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ",".join("?" for _ in chunk)
+            sql = f"SELECT {_SKILL_COLUMNS} FROM skill_metrics WHERE skill_name IN ({marks})"  # noqa: S608
+            found = {row["skill_name"]: row for row in await self._fetch_skill_rows(sql, chunk)}
+            for name in chunk:
+                rows[name] = found.get(name)
+
+    async def _fetch_table_anomalies(self, now: float) -> list[_Anomaly]:
+        since = now - ANOMALY_WINDOW
+        self.queries += 1
+        result = await self._fetch(
+            _TABLE_ANOMALIES_SQL,
+            {
+                "prefix": _date_prefix(since),
+                "since": _julian_day(since),
+                "limit": _MAX_TABLE_ANOMALIES,
+            },
+        )
+        anomalies = []
+        for name, detected_at, kind, baseline, observed, score, detected_jd in result:
+            anomalies.append(
+                _Anomaly(
+                    payload={
+                        "skill_name": name,
+                        "detected_at": detected_at,
+                        "anomaly_type": kind,
+                        "deviation_score": _float_or_none(score),
+                        "baseline_value": _float_or_none(baseline),
+                        "observed_value": _float_or_none(observed),
+                        "source": "table",
+                    },
+                    expires_at=_unix_time(float(detected_jd)) + ANOMALY_WINDOW,
+                    skill_name=name,
+                )
+            )
+        return anomalies
+
+    async def _fetch_live_anomalies(self, now: float) -> list[_Anomaly]:
+        settings = self._detection
+        baseline_start = now - settings.baseline_window
+        self.queries += 1
+        result = await self._fetch(
+            _WINDOW_STATS_SQL,
+            {
+                "prefix": _date_prefix(baseline_start),
+                "baseline": _julian_day(baseline_start),
+                "recent": _julian_day(now - settings.recent_window),
+                "min_recent": settings.min_recent,
+            },
+        )
+        stats = [
+            WindowStats(
+                skill_name=row[0],
+                recent_count=int(row[1] or 0),
+                recent_completed=int(row[2] or 0),
+                recent_timed=int(row[3] or 0),
+                recent_duration_sum=float(row[4] or 0.0),
+                baseline_count=int(row[5] or 0),
+                baseline_completed=int(row[6] or 0),
+                baseline_timed=int(row[7] or 0),
+                baseline_duration_sum=float(row[8] or 0.0),
+                baseline_duration_sumsq=float(row[9] or 0.0),
+                last_recent_at=_unix_time(float(row[10])) if row[10] is not None else now,
+            )
+            for row in result
+        ]
+        findings = detect(stats, settings)
+        stamp = format_timestamp(datetime.fromtimestamp(now, UTC))
+        # A finding keeps the time it was first seen for as long as it stays active.
+        active = {(f.skill_name, f.anomaly_type) for f in findings}
+        self._live_since = {k: v for k, v in self._live_since.items() if k in active}
+        return [self._live_anomaly(f, stamp) for f in findings]
+
+    def _live_anomaly(self, finding: Finding, stamp: str) -> _Anomaly:
+        detected_at = self._live_since.setdefault((finding.skill_name, finding.anomaly_type), stamp)
+        return _Anomaly(
+            payload={
+                "skill_name": finding.skill_name,
+                "detected_at": detected_at,
+                "anomaly_type": finding.anomaly_type,
+                "deviation_score": finding.deviation_score,
+                "baseline_value": finding.baseline_value,
+                "observed_value": finding.observed_value,
+                "metric": finding.metric,
+                "source": "live",
+            },
+            expires_at=finding.last_evidence_at + self._detection.recent_window,
+            skill_name=finding.skill_name,
+        )
+
+    async def _fail(self, exc: Exception) -> None:
+        state, message = SourceState.ERROR, f"database error: {exc}"
+        if isinstance(exc, sqlite3.OperationalError) and "no such" in str(exc):
+            try:
+                absent = await missing_tables(self._db)
+            except (sqlite3.Error, ValueError):
+                absent = []
+            if absent:
+                state = SourceState.MISSING_TABLES
+                message = f"the skills database lacks table(s): {', '.join(absent)}"
+        self._set_state(state, message)
+
+    def _set_state(self, state: SourceState, message: str | None) -> None:
+        if (state, message) == (self._state, self._message):
+            return
+        if state is SourceState.OK:
+            logger.info("skills database readable again")
+        else:
+            logger.warning("%s (serving the last good data until it recovers)", message)
+        self._state, self._message = state, message
+
+    def _snapshot(self, skills: Set[str], now: float) -> MetricsSnapshot:
+        cache = self._cache
+        anomalies = [
+            a.payload for a in (*cache.live_anomalies, *cache.table_anomalies) if a.expires_at > now
+        ]
+        anomalies.sort(key=_severity)
+        return MetricsSnapshot(
+            top_skills=cache.top,
+            skills={name: cache.rows.get(name) for name in skills},
+            anomalies=anomalies,
+            state=self._state,
+            message=self._message,
+            as_of=cache.as_of,
+        )
+
+
+def _skill_row(row: Sequence[Any]) -> dict[str, Any]:
+    name, total, completed, rate, avg_duration, last_invoked = row
+    return {
+        "skill_name": str(name),
+        "total_invocations": int(total or 0),
+        "completion_rate": round(float(rate or 0.0), 2),
+        "avg_duration_seconds": _float_or_none(avg_duration, digits=3),
+        "completed_invocations": int(completed or 0),
+        "last_invoked": None if last_invoked is None else str(last_invoked),
+    }
+
+
+def _severity(anomaly: dict[str, Any]) -> tuple[float, str]:
+    score = anomaly["deviation_score"]
+    return (-(score if score is not None else -1.0), anomaly["skill_name"])
+
+
+def _float_or_none(value: Any, digits: int = 2) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _julian_day(unix_time: float) -> float:
+    return unix_time / 86400.0 + _UNIX_EPOCH_JULIAN_DAY
+
+
+def _unix_time(julian_day: float) -> float:
+    return (julian_day - _UNIX_EPOCH_JULIAN_DAY) * 86400.0
+
+
+def _date_prefix(unix_time: float) -> str:
+    # One day earlier than the cutoff, so that any time-zone offset stays inside.
+    return (datetime.fromtimestamp(unix_time, UTC) - timedelta(days=1)).strftime("%Y-%m-%d")

@@ -1,0 +1,620 @@
+"""``RealTimeMetricsServer``: the WebSocket server that streams skill metrics.
+
+One background task (the broadcaster) reads the database once per tick, encodes each
+distinct payload once (one for "all skills", one per subscribed skill) and writes it to
+every interested connection without awaiting any of them. A connection whose write
+buffer is over ``max_buffered_bytes`` skips updates (it gets the newest one once it
+drains) and is closed when it stays that way for ``slow_client_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import quote
+
+import aiosqlite
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from session_buddy_realtime._version import __version__
+from session_buddy_realtime.detection import DetectionSettings
+from session_buddy_realtime.errors import (
+    DatabaseNotFoundError,
+    PortInUseError,
+    RealtimeError,
+    ServerStartError,
+)
+from session_buddy_realtime.metrics import MetricsSnapshot, MetricsSource
+from session_buddy_realtime.protocol import (
+    CloseCode,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    connected_message,
+    encode,
+    error_message,
+    format_timestamp,
+    metrics_update_message,
+    parse_client_message,
+    pong_message,
+    subscription_confirmed_message,
+    unsubscribed_message,
+    validate_skill_name,
+)
+
+__all__ = ["DEFAULT_DB_PATH", "ClientState", "RealTimeMetricsServer"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DB_PATH: Final = Path(".session-buddy/skills.db")
+_SLOW_CLIENT_REASON: Final = "too slow: updates were not being read"
+
+
+@dataclass(eq=False, slots=True)
+class ClientState:
+    """What the server knows about one connected client."""
+
+    websocket: ServerConnection
+    remote: str
+    connected_at: float
+    subscribed: bool = True
+    skill: str | None = None
+    messages_sent: int = 0
+    updates_dropped: int = 0
+    congested_since: float | None = None
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """Return this client as shown in ``status()``."""
+        return {
+            "remote": self.remote,
+            "connected_for_seconds": round(now - self.connected_at, 3),
+            "subscription": (self.skill or "all") if self.subscribed else None,
+            "messages_sent": self.messages_sent,
+            "updates_dropped": self.updates_dropped,
+            "congested": self.congested_since is not None,
+        }
+
+
+@dataclass(slots=True)
+class _Counters:
+    ticks: int = 0
+    idle_ticks: int = 0
+    ticks_skipped: int = 0
+    messages_sent: int = 0
+    updates_dropped: int = 0
+    clients_evicted: int = 0
+    connections_total: int = 0
+    last_tick_at: str | None = None
+    last_tick_seconds: float | None = None
+    last_error: str | None = None
+    errors: int = 0
+
+
+@dataclass(slots=True)
+class _Running:
+    """Everything a started server owns; dropped as a whole by ``stop()``."""
+
+    server: Server
+    source: MetricsSource
+    db: aiosqlite.Connection
+    owns_db: bool
+    stopping: asyncio.Event
+    connections: set[ServerConnection]
+    started_at: float
+    started_monotonic: float
+    broadcaster: asyncio.Task[None] | None = None
+    evictions: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class RealTimeMetricsServer:
+    """Stream live skill metrics from Session-Buddy's skills database over WebSocket.
+
+    Args:
+        host: Address to listen on. ``localhost`` listens on both IPv4 and IPv6 loopback.
+        port: Port to listen on; 0 picks a free one (see ``port`` after ``start()``).
+        db_path: Skills database, default ``.session-buddy/skills.db``. The server opens
+            it read-only and never creates it. Ignored when ``db`` is given.
+        update_interval: Seconds between broadcasts.
+        db: An open ``aiosqlite.Connection`` to use instead of opening one (the host's).
+            It is only read: never written, never closed, its ``row_factory`` untouched.
+        max_message_size: Largest client message in bytes; larger closes with 1009.
+        max_buffered_bytes: A client whose unsent data exceeds this skips updates.
+        slow_client_timeout: Seconds a client may keep skipping before it is closed (1008).
+        ping_interval: Seconds between keepalive pings.
+        ping_timeout: Seconds to wait for a pong before closing the connection.
+        open_timeout: Seconds allowed for the opening handshake.
+        close_timeout: Seconds to wait for a closing handshake before dropping the socket.
+        detection: Windows and thresholds of live anomaly detection.
+    """
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 8765,
+        db_path: Path | str | None = None,
+        update_interval: float = 1.0,
+        *,
+        db: aiosqlite.Connection | None = None,
+        # Limits
+        max_message_size: int = 4096,
+        max_buffered_bytes: int = 64 * 1024,
+        slow_client_timeout: float = 10.0,
+        # Timeouts
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        open_timeout: float = 5.0,
+        close_timeout: float = 1.0,
+        # Data
+        detection: DetectionSettings | None = None,
+    ) -> None:
+        _require(isinstance(port, int) and 0 <= port <= 65535, "port", "an integer 0-65535")
+        _require(
+            update_interval > 0 and math.isfinite(update_interval),
+            "update_interval",
+            "a positive number of seconds",
+        )
+        _require(max_message_size >= 256, "max_message_size", "at least 256 bytes")
+        _require(max_buffered_bytes >= 1024, "max_buffered_bytes", "at least 1024 bytes")
+        _require(slow_client_timeout > 0, "slow_client_timeout", "positive")
+        _require(open_timeout > 0, "open_timeout", "positive")
+        _require(close_timeout > 0, "close_timeout", "positive")
+        self.host = host
+        self.port = port
+        self.db_path = Path(db_path) if db_path is not None else DEFAULT_DB_PATH
+        self.update_interval = float(update_interval)
+        self._external_db = db
+        self._max_message_size = max_message_size
+        self._max_buffered_bytes = max_buffered_bytes
+        self._slow_client_timeout = slow_client_timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._open_timeout = open_timeout
+        self._close_timeout = close_timeout
+        self._detection = detection or DetectionSettings()
+        self._clients: dict[ServerConnection, ClientState] = {}
+        self._counters = _Counters()
+        self._running: _Running | None = None
+        self._lifecycle = asyncio.Lock()
+
+    # Lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._running is not None
+
+    @property
+    def urls(self) -> list[str]:
+        """The ``ws://`` addresses the server listens on (empty when stopped)."""
+        if self._running is None:
+            return []
+        urls = []
+        for sock in self._running.server.sockets:
+            address, port = sock.getsockname()[:2]
+            shown = f"[{address}]" if ":" in address else address
+            urls.append(f"ws://{shown}:{port}")
+        return urls
+
+    async def start(self) -> None:
+        """Open the database, listen, and start the broadcaster. Harmless when running.
+
+        Raises:
+            DatabaseNotFoundError: ``db_path`` does not exist (nothing is created).
+            PortInUseError: the address is taken.
+            ServerStartError: anything else that prevents listening; nothing is left open.
+        """
+        async with self._lifecycle:
+            if self._running is not None:
+                return
+            db, owns_db = await self._open_database()
+            connections: set[ServerConnection] = set()
+            try:
+                server = await serve(
+                    self.client_handler,
+                    self.host,
+                    self.port,
+                    compression=None,
+                    max_size=self._max_message_size,
+                    max_queue=16,
+                    open_timeout=self._open_timeout,
+                    ping_interval=self._ping_interval,
+                    ping_timeout=self._ping_timeout,
+                    close_timeout=self._close_timeout,
+                    create_connection=_tracking_connection_class(connections),
+                    logger=logging.getLogger("session_buddy_realtime.websockets"),
+                )
+            except OSError as exc:
+                if owns_db:
+                    await db.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUseError(
+                        f"port {self.port} on {self.host} is already in use; choose another "
+                        f"port or stop the process that holds it"
+                    ) from exc
+                raise ServerStartError(
+                    f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+                ) from exc
+            except BaseException:
+                if owns_db:
+                    await db.close()
+                raise
+            self._counters = _Counters()
+            running = _Running(
+                server=server,
+                source=MetricsSource(db, detection=self._detection),
+                db=db,
+                owns_db=owns_db,
+                stopping=asyncio.Event(),
+                connections=connections,
+                started_at=time.time(),
+                started_monotonic=time.monotonic(),
+            )
+            self._running = running
+            if self.port == 0 and server.sockets:
+                self.port = server.sockets[0].getsockname()[1]
+            running.broadcaster = asyncio.create_task(
+                self.broadcast_metrics(), name="session-buddy-realtime broadcaster"
+            )
+            logger.info("listening on %s", ", ".join(self.urls))
+
+    async def stop(self) -> None:
+        """Close every client (1001), stop the broadcaster, release the port and DB.
+
+        Prompt and bounded by ``close_timeout``; harmless when not running. Closes the
+        database connection only if the server opened it.
+        """
+        async with self._lifecycle:
+            running, self._running = self._running, None
+            if running is None:
+                return
+            running.stopping.set()
+            if running.broadcaster is not None:
+                running.broadcaster.cancel()
+                await asyncio.gather(running.broadcaster, return_exceptions=True)
+            running.server.close(close_connections=True, code=CloseCode.GOING_AWAY)
+            for connection in list(running.connections):
+                if connection.state is State.CONNECTING:
+                    connection.transport.abort()
+            try:
+                async with asyncio.timeout(self._close_timeout + 1.0):
+                    await running.server.wait_closed()
+            except TimeoutError:
+                for connection in list(running.connections):
+                    connection.transport.abort()
+                await running.server.wait_closed()
+            if running.evictions:
+                await asyncio.gather(*running.evictions, return_exceptions=True)
+            self._clients.clear()
+            if running.owns_db:
+                await running.db.close()
+            logger.info("stopped")
+
+    async def _open_database(self) -> tuple[aiosqlite.Connection, bool]:
+        if self._external_db is not None:
+            return self._external_db, False
+        path = self.db_path.expanduser().resolve()
+        if not path.is_file():
+            raise DatabaseNotFoundError(
+                f"skills database not found: {path} (set db_path, or create a demo "
+                f"database with 'session-buddy-realtime serve --demo')"
+            )
+        db = await aiosqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
+        try:
+            cursor = await db.execute("PRAGMA schema_version")
+            await cursor.close()
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise ServerStartError(f"cannot read skills database {path}: {exc}") from exc
+        return db, True
+
+    # Clients
+
+    def register_client(self, websocket: ServerConnection) -> ClientState:
+        """Add a client, subscribed to all skills (the seed's default)."""
+        remote = websocket.remote_address
+        shown = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
+        state = ClientState(websocket=websocket, remote=shown, connected_at=time.monotonic())
+        self._clients[websocket] = state
+        self._counters.connections_total += 1
+        logger.debug("client %s connected (%d now)", shown, len(self._clients))
+        return state
+
+    def unregister_client(self, websocket: ServerConnection) -> None:
+        """Forget a client; harmless if it is unknown."""
+        state = self._clients.pop(websocket, None)
+        if state is not None:
+            logger.debug("client %s left (%d now)", state.remote, len(self._clients))
+
+    async def client_handler(self, websocket: ServerConnection) -> None:
+        """Serve one connection: welcome, then answer its messages until it closes."""
+        self.register_client(websocket)
+        try:
+            await websocket.send(
+                encode(
+                    connected_message(
+                        timestamp=format_timestamp(),
+                        server_version=__version__,
+                        update_interval=self.update_interval,
+                    )
+                )
+            )
+            async for message in websocket:
+                await self.handle_client_message(websocket, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.unregister_client(websocket)
+
+    async def handle_client_message(
+        self, websocket: ServerConnection, message: str | bytes
+    ) -> None:
+        """Answer one client message; bad input gets an ``error`` reply, never a close."""
+        try:
+            request = parse_client_message(message)
+        except ProtocolError as exc:
+            await self._reply(
+                websocket, error_message(exc.code, exc.message, timestamp=format_timestamp())
+            )
+            return
+        try:
+            if isinstance(request, Subscribe):
+                await self.handle_subscription(websocket, request.skill)
+            elif isinstance(request, Unsubscribe):
+                state = self._clients.get(websocket)
+                if state is not None:
+                    state.subscribed = False
+                    state.skill = None
+                await self._reply(websocket, unsubscribed_message(timestamp=format_timestamp()))
+            elif isinstance(request, Ping):
+                await self._reply(websocket, pong_message(timestamp=format_timestamp()))
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            # Our fault, not the client's: keep the connection and the server going.
+            self._record_error(f"handling {type(request).__name__.lower()}: {exc!r}")
+            logger.exception("internal error answering %s", type(request).__name__.lower())
+            await self._reply(
+                websocket,
+                error_message(
+                    ErrorCode.INTERNAL_ERROR,
+                    "internal error; see the server log",
+                    timestamp=format_timestamp(),
+                ),
+            )
+
+    async def handle_subscription(
+        self, websocket: ServerConnection, skill_name: str | None
+    ) -> None:
+        """Subscribe a client to all skills (None) or one: confirm, then send a snapshot."""
+        try:
+            skill = validate_skill_name(skill_name)
+        except ProtocolError as exc:
+            await self._reply(
+                websocket, error_message(exc.code, exc.message, timestamp=format_timestamp())
+            )
+            return
+        state = self._clients.get(websocket)
+        running = self._running
+        if state is None or running is None:
+            return
+        snapshot = await running.source.read(frozenset() if skill is None else {skill})
+        if self._clients.get(websocket) is not state:
+            return
+        state.subscribed, state.skill = True, skill
+        timestamp = format_timestamp()
+        known = None if skill is None else snapshot.skills.get(skill) is not None
+        # Both frames are written before anything else can run, so the confirmation
+        # always precedes the snapshot and every later update.
+        confirmation = subscription_confirmed_message(timestamp=timestamp, skill=skill, known=known)
+        broadcast([websocket], encode(confirmation))
+        broadcast([websocket], encode(_update(snapshot, skill, timestamp)))
+        state.messages_sent += 2
+
+    async def _reply(self, websocket: ServerConnection, message: dict[str, Any]) -> None:
+        # Awaiting the send pauses reading from this client until it drains: a client
+        # that floods without reading slows only itself.
+        await websocket.send(encode(message))
+        state = self._clients.get(websocket)
+        if state is not None:
+            state.messages_sent += 1
+
+    # Broadcasting
+
+    async def broadcast_metrics(self) -> None:
+        """Broadcast metrics every ``update_interval`` until ``stop()`` (the broadcaster).
+
+        Ticks keep a fixed phase: the time a tick takes does not shift the next one, and
+        a tick that overruns skips the slots it missed instead of bunching up.
+        """
+        running = self._running
+        if running is None:
+            raise RealtimeError("broadcast_metrics() runs only while the server is running")
+        loop = asyncio.get_running_loop()
+        interval = self.update_interval
+        next_tick = loop.time()
+        while not running.stopping.is_set():
+            began = loop.time()
+            try:
+                await self._broadcast_tick(running)
+            except Exception as exc:
+                # Top of the task: log, remember, and keep the cadence.
+                self._record_error(f"broadcast tick: {exc!r}")
+                logger.exception("broadcast tick failed")
+            ended = loop.time()
+            self._counters.last_tick_seconds = ended - began
+            next_tick += interval
+            if next_tick <= ended:
+                missed = math.floor((ended - next_tick) / interval) + 1
+                self._counters.ticks_skipped += missed
+                next_tick += missed * interval
+            try:
+                async with asyncio.timeout_at(next_tick):
+                    await running.stopping.wait()
+            except TimeoutError:
+                pass
+
+    async def _broadcast_tick(self, running: _Running) -> None:
+        groups: dict[str | None, list[ClientState]] = {}
+        for state in self._clients.values():
+            if state.subscribed:
+                groups.setdefault(state.skill, []).append(state)
+        self._counters.ticks += 1
+        if not groups:
+            self._counters.idle_ticks += 1
+            return
+        snapshot = await running.source.read({skill for skill in groups if skill is not None})
+        timestamp = format_timestamp()
+        self._counters.last_tick_at = timestamp
+        for skill, members in groups.items():
+            frame = encode(_update(snapshot, skill, timestamp))
+            self._deliver(running, skill, members, frame)
+
+    def _deliver(
+        self, running: _Running, skill: str | None, members: list[ClientState], frame: str
+    ) -> None:
+        now = time.monotonic()
+        ready: list[ServerConnection] = []
+        for client in members:
+            websocket = client.websocket
+            # Skip whoever left or changed subscription while the tick read the database.
+            if not client.subscribed or client.skill != skill:
+                continue
+            if websocket.state is not State.OPEN:
+                continue
+            if websocket.transport.get_write_buffer_size() > self._max_buffered_bytes:
+                client.updates_dropped += 1
+                self._counters.updates_dropped += 1
+                if client.congested_since is None:
+                    client.congested_since = now
+                elif now - client.congested_since >= self._slow_client_timeout:
+                    self._evict(running, client)
+                continue
+            client.congested_since = None
+            client.messages_sent += 1
+            ready.append(websocket)
+        broadcast(ready, frame)
+        self._counters.messages_sent += len(ready)
+
+    def _evict(self, running: _Running, client: ClientState) -> None:
+        if self._clients.pop(client.websocket, None) is None:
+            return
+        self._counters.clients_evicted += 1
+        logger.warning("closing client %s: %s", client.remote, _SLOW_CLIENT_REASON)
+        task = asyncio.create_task(
+            client.websocket.close(CloseCode.POLICY_VIOLATION, _SLOW_CLIENT_REASON)
+        )
+        running.evictions.add(task)
+        task.add_done_callback(running.evictions.discard)
+
+    def _record_error(self, message: str) -> None:
+        self._counters.errors += 1
+        self._counters.last_error = f"{format_timestamp()} {message}"
+
+    # Introspection
+
+    async def snapshot(self, skill: str | None = None) -> dict[str, Any]:
+        """Return the ``metrics_update`` a client subscribed to ``skill`` would get now."""
+        running = self._running
+        if running is None:
+            raise RealtimeError("the realtime server is not running; start it first")
+        skill = validate_skill_name(skill)
+        snapshot = await running.source.read(frozenset() if skill is None else {skill})
+        return _update(snapshot, skill, format_timestamp())
+
+    def status(self) -> dict[str, Any]:
+        """Return a JSON-ready description of the server, its clients and counters."""
+        running = self._running
+        counters = self._counters
+        now = time.monotonic()
+        status: dict[str, Any] = {
+            "running": running is not None,
+            "urls": self.urls,
+            "host": self.host,
+            "port": self.port,
+            "update_interval": self.update_interval,
+            "started_at": None,
+            "uptime_seconds": None,
+            "clients": [client.describe(now) for client in self._clients.values()],
+            "client_count": len(self._clients),
+            "ticks": counters.ticks,
+            "idle_ticks": counters.idle_ticks,
+            "ticks_skipped": counters.ticks_skipped,
+            "messages_sent": counters.messages_sent,
+            "updates_dropped": counters.updates_dropped,
+            "clients_evicted": counters.clients_evicted,
+            "connections_total": counters.connections_total,
+            "last_tick_at": counters.last_tick_at,
+            "last_tick_seconds": counters.last_tick_seconds,
+            "errors": counters.errors,
+            "last_error": counters.last_error,
+            "database": {
+                "path": None if self._external_db is not None else str(self.db_path),
+                "shared_connection": self._external_db is not None,
+                "state": None,
+                "message": None,
+                "queries": 0,
+                "refreshes": 0,
+            },
+        }
+        if running is not None:
+            status["started_at"] = format_timestamp(datetime.fromtimestamp(running.started_at, UTC))
+            status["uptime_seconds"] = round(now - running.started_monotonic, 3)
+            source = running.source
+            status["database"].update(
+                state=source.state.value,
+                message=source.message,
+                queries=source.queries,
+                refreshes=source.refreshes,
+            )
+        return status
+
+
+def _update(snapshot: MetricsSnapshot, skill: str | None, timestamp: str) -> dict[str, Any]:
+    return metrics_update_message(
+        timestamp=timestamp, skill=skill, data=snapshot.data(skill), source=snapshot.source()
+    )
+
+
+def _tracking_connection_class(registry: set[ServerConnection]) -> type[ServerConnection]:
+    # Every TCP connection, handshake finished or not, so stop() can drop those that
+    # would otherwise hold it up until open_timeout.
+    class TrackedConnection(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            registry.add(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            registry.discard(self)
+            super().connection_lost(exc)
+
+    return TrackedConnection
+
+
+def _require(condition: bool, setting: str, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid {setting}: must be {expected}")
