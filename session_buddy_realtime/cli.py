@@ -121,12 +121,14 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"Streaming skill metrics from {db_path} on {', '.join(server.urls)}", flush=True)
     print(f"Watch it with: session-buddy-realtime watch --url {server.urls[0]}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
+    writer_failed = False
     try:
         if writer_task is not None:
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({stopped, writer_task}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             if writer_task.done() and writer_task.exception() is not None:
+                writer_failed = True
                 logger.error("demo writer stopped: %s", writer_task.exception())
         else:
             await stop.wait()
@@ -139,7 +141,7 @@ async def _serve(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     print("Stopped.", flush=True)
-    return 0
+    return 1 if writer_failed else 0
 
 
 def _configure_logging(level: str) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -105,6 +106,13 @@ async def prepare_demo_database(
     rng = rng or random.Random()
     now = now or datetime.now(UTC)
     created = not path.exists()  # noqa: ASYNC240 - one stat before any I/O
+    try:
+        return await _prepare(path, created, rng, now)
+    except (OSError, sqlite3.Error) as exc:
+        raise RealtimeError(f"cannot prepare demo database {path}: {exc}") from exc
+
+
+async def _prepare(path: Path, created: bool, rng: random.Random, now: datetime) -> bool:
     if created:
         path.parent.mkdir(parents=True, exist_ok=True)
     async with aiosqlite.connect(path) as db:

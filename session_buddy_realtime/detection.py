@@ -3,8 +3,9 @@
 Pure functions over per-skill window statistics, which ``metrics.py`` aggregates in
 SQL. Two signals are checked for every skill with enough data in both windows:
 
-* completion rate (``drop``): the recent rate against the baseline rate, with the
-  binomial standard error of a recent sample of that size;
+* completion rate (``drop``): the recent rate against the baseline rate (smoothed as
+  (completed + 1) / (count + 2)), with the binomial standard error of a recent sample
+  of that size;
 * duration (``spike``): the recent mean duration of completed invocations against the
   baseline mean, with the standard error of the mean.
 """
@@ -87,12 +88,11 @@ def _completion_drop(skill: WindowStats, settings: DetectionSettings) -> Finding
         return None
     baseline = skill.baseline_completed / skill.baseline_count
     observed = skill.recent_completed / skill.recent_count
-    # A baseline of exactly 0 % or 100 % has no variance; the half-count correction keeps
-    # the error finite and makes a single failure after a perfect record unremarkable.
-    half = 0.5 / skill.baseline_count
-    p = min(max(baseline, half), 1.0 - half)
+    # The baseline rate is smoothed (rule of succession) so that a perfect record still
+    # has a finite error and a single failure after it is not flagged.
+    p = (skill.baseline_completed + 1) / (skill.baseline_count + 2)
     stderr = math.sqrt(p * (1.0 - p) / skill.recent_count)
-    z = (baseline - observed) / stderr
+    z = (p - observed) / stderr
     if z < settings.z_threshold:
         return None
     return Finding(

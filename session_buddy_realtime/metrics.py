@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence, Set
@@ -45,6 +46,8 @@ MAX_ANOMALIES: Final = 50
 _MAX_TABLE_ANOMALIES: Final = 500
 _IN_CHUNK: Final = 500
 _UNIX_EPOCH_JULIAN_DAY: Final = 2440587.5
+# What a read can raise: SQLite's errors, and ValueError from a closed connection.
+_READ_ERRORS: Final = (sqlite3.Error, ValueError)
 
 _SKILL_COLUMNS: Final = (
     "skill_name, total_invocations, completed_invocations, completion_rate, "
@@ -117,6 +120,11 @@ class MetricsSnapshot:
     message: str | None
     as_of: str | None
 
+    @property
+    def fresh(self) -> bool:
+        """True when the last read succeeded (the data is not stale)."""
+        return self.state is SourceState.OK
+
     def data(self, skill: str | None) -> dict[str, Any]:
         """Return the ``data`` object of a ``metrics_update`` for all skills or one."""
         if skill is None:
@@ -131,7 +139,7 @@ class MetricsSnapshot:
         """Return the ``source`` object: state, staleness and age of the data."""
         return {
             "state": self.state.value,
-            "stale": self.state is not SourceState.OK,
+            "stale": not self.fresh,
             "as_of": self.as_of,
             "message": self.message,
         }
@@ -196,28 +204,55 @@ class MetricsSource:
         async with self._lock:
             now = self._clock()
             try:
-                await self._refresh(skills, now)
-            except (sqlite3.Error, ValueError) as exc:
-                await self._fail(exc)
+                token = await self._change_token()
+            except _READ_ERRORS as exc:
+                failures: list[Exception] = [exc]
+            else:
+                failures = await self._refresh(token, skills, now)
+            if failures:
+                await self._fail(failures[0])
             else:
                 self._set_state(SourceState.OK, None)
             return self._snapshot(skills, now)
 
-    async def _refresh(self, skills: Set[str], now: float) -> None:
-        token = await self._change_token()
+    async def _refresh(
+        self, token: tuple[int, int], skills: Set[str], now: float
+    ) -> list[Exception]:
+        # Each part reads one table and keeps its last good value when it fails, so a
+        # missing skill_anomalies table does not hide the top skills.
         cache = self._cache
-        if token != cache.token or self._state is not SourceState.OK:
-            top = await self._fetch_skill_rows(_TOP_SQL, (TOP_SKILLS_LIMIT,))
-            rows: dict[str, dict[str, Any] | None] = {row["skill_name"]: row for row in top}
-            await self._fetch_named_rows(rows, skills)
-            table = await self._fetch_table_anomalies(now)
-            live = await self._fetch_live_anomalies(now)
-            cache.token, cache.top, cache.rows = token, top, rows
-            cache.table_anomalies, cache.live_anomalies = table, live
+        full = token != cache.token or self._state is not SourceState.OK
+        if full:
+            parts = [
+                self._refresh_skills(skills),
+                self._refresh_table_anomalies(now),
+                self._refresh_live_anomalies(now),
+            ]
+        else:
+            parts = [self._fetch_named_rows(cache.rows, skills)]
+        failures: list[Exception] = []
+        for part in parts:
+            try:
+                await part
+            except _READ_ERRORS as exc:
+                failures.append(exc)
+        if full and not failures:
+            cache.token = token
             cache.as_of = format_timestamp(datetime.fromtimestamp(now, UTC))
             self.refreshes += 1
-        else:
-            await self._fetch_named_rows(cache.rows, skills)
+        return failures
+
+    async def _refresh_skills(self, skills: Set[str]) -> None:
+        top = await self._fetch_skill_rows(_TOP_SQL, (TOP_SKILLS_LIMIT,))
+        rows: dict[str, dict[str, Any] | None] = {row["skill_name"]: row for row in top}
+        await self._fetch_named_rows(rows, skills)
+        self._cache.top, self._cache.rows = top, rows
+
+    async def _refresh_table_anomalies(self, now: float) -> None:
+        self._cache.table_anomalies = await self._fetch_table_anomalies(now)
+
+    async def _refresh_live_anomalies(self, now: float) -> None:
+        self._cache.live_anomalies = await self._fetch_live_anomalies(now)
 
     async def _change_token(self) -> tuple[int, int]:
         rows = await self._fetch("PRAGMA data_version", ())
@@ -266,16 +301,16 @@ class MetricsSource:
             anomalies.append(
                 _Anomaly(
                     payload={
-                        "skill_name": name,
-                        "detected_at": detected_at,
-                        "anomaly_type": kind,
+                        "skill_name": str(name),
+                        "detected_at": str(detected_at),
+                        "anomaly_type": str(kind),
                         "deviation_score": _float_or_none(score),
                         "baseline_value": _float_or_none(baseline),
                         "observed_value": _float_or_none(observed),
                         "source": "table",
                     },
                     expires_at=_unix_time(float(detected_jd)) + ANOMALY_WINDOW,
-                    skill_name=name,
+                    skill_name=str(name),
                 )
             )
         return anomalies
@@ -338,7 +373,7 @@ class MetricsSource:
         if isinstance(exc, sqlite3.OperationalError) and "no such" in str(exc):
             try:
                 absent = await missing_tables(self._db)
-            except (sqlite3.Error, ValueError):
+            except _READ_ERRORS:
                 absent = []
             if absent:
                 state = SourceState.MISSING_TABLES
@@ -374,21 +409,36 @@ def _skill_row(row: Sequence[Any]) -> dict[str, Any]:
     name, total, completed, rate, avg_duration, last_invoked = row
     return {
         "skill_name": str(name),
-        "total_invocations": int(total or 0),
-        "completion_rate": round(float(rate or 0.0), 2),
+        "total_invocations": _int_or_zero(total),
+        "completion_rate": _float_or_none(rate) or 0.0,
         "avg_duration_seconds": _float_or_none(avg_duration, digits=3),
-        "completed_invocations": int(completed or 0),
+        "completed_invocations": _int_or_zero(completed),
         "last_invoked": None if last_invoked is None else str(last_invoked),
     }
 
 
 def _severity(anomaly: dict[str, Any]) -> tuple[float, str]:
+    # Some detectors store drops as negative deviations: severity is the magnitude.
     score = anomaly["deviation_score"]
-    return (-(score if score is not None else -1.0), anomaly["skill_name"])
+    return (-(abs(score) if score is not None else -1.0), anomaly["skill_name"])
 
 
 def _float_or_none(value: Any, digits: int = 2) -> float | None:
-    return None if value is None else round(float(value), digits)
+    # NaN and infinity can be stored in SQLite but have no JSON form: read them as null.
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(number, digits) if math.isfinite(number) else None
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _julian_day(unix_time: float) -> float:

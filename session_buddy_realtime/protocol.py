@@ -12,6 +12,7 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
+from importlib.resources import files
 from typing import Any, Final, Literal
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "encode",
     "error_message",
     "format_timestamp",
+    "load_schema",
     "metrics_update_message",
     "parse_client_message",
     "pong_message",
@@ -89,6 +91,13 @@ class Ping:
 
 
 Request = Subscribe | Unsubscribe | Ping
+
+
+def load_schema() -> dict[str, Any]:
+    """Return the protocol's JSON Schema (draft 2020-12) shipped with the package."""
+    text = files("session_buddy_realtime").joinpath("schemas/protocol.schema.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 def format_timestamp(moment: datetime | None = None) -> str:

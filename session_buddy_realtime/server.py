@@ -171,6 +171,8 @@ class RealTimeMetricsServer:
         _require(slow_client_timeout > 0, "slow_client_timeout", "positive")
         _require(open_timeout > 0, "open_timeout", "positive")
         _require(close_timeout > 0, "close_timeout", "positive")
+        _require(ping_interval is None or ping_interval > 0, "ping_interval", "positive or None")
+        _require(ping_timeout is None or ping_timeout > 0, "ping_timeout", "positive or None")
         self.host = host
         self.port = port
         self.db_path = Path(db_path) if db_path is not None else DEFAULT_DB_PATH
@@ -300,8 +302,10 @@ class RealTimeMetricsServer:
             for connection in list(running.connections):
                 if connection.state is State.CONNECTING:
                     connection.transport.abort()
+            # Clients that do not finish the closing handshake in close_timeout (a stuck
+            # client cannot even receive the close frame) are dropped.
             try:
-                async with asyncio.timeout(self._close_timeout + 1.0):
+                async with asyncio.timeout(self._close_timeout):
                     await running.server.wait_closed()
             except TimeoutError:
                 for connection in list(running.connections):
@@ -354,15 +358,12 @@ class RealTimeMetricsServer:
         """Serve one connection: welcome, then answer its messages until it closes."""
         self.register_client(websocket)
         try:
-            await websocket.send(
-                encode(
-                    connected_message(
-                        timestamp=format_timestamp(),
-                        server_version=__version__,
-                        update_interval=self.update_interval,
-                    )
-                )
+            welcome = connected_message(
+                timestamp=format_timestamp(),
+                server_version=__version__,
+                update_interval=self.update_interval,
             )
+            await self._reply(websocket, welcome)
             async for message in websocket:
                 await self.handle_client_message(websocket, message)
         except ConnectionClosed:
@@ -425,14 +426,19 @@ class RealTimeMetricsServer:
         snapshot = await running.source.read(frozenset() if skill is None else {skill})
         if self._clients.get(websocket) is not state:
             return
-        state.subscribed, state.skill = True, skill
         timestamp = format_timestamp()
-        known = None if skill is None else snapshot.skills.get(skill) is not None
+        known: bool | None = None
+        if skill is not None and (snapshot.skills.get(skill) is not None or snapshot.fresh):
+            known = snapshot.skills.get(skill) is not None
+        confirmation = encode(
+            subscription_confirmed_message(timestamp=timestamp, skill=skill, known=known)
+        )
+        first_update = encode(_update(snapshot, skill, timestamp))
         # Both frames are written before anything else can run, so the confirmation
         # always precedes the snapshot and every later update.
-        confirmation = subscription_confirmed_message(timestamp=timestamp, skill=skill, known=known)
-        broadcast([websocket], encode(confirmation))
-        broadcast([websocket], encode(_update(snapshot, skill, timestamp)))
+        state.subscribed, state.skill = True, skill
+        broadcast([websocket], confirmation)
+        broadcast([websocket], first_update)
         state.messages_sent += 2
 
     async def _reply(self, websocket: ServerConnection, message: dict[str, Any]) -> None:
@@ -525,11 +531,18 @@ class RealTimeMetricsServer:
             return
         self._counters.clients_evicted += 1
         logger.warning("closing client %s: %s", client.remote, _SLOW_CLIENT_REASON)
-        task = asyncio.create_task(
-            client.websocket.close(CloseCode.POLICY_VIOLATION, _SLOW_CLIENT_REASON)
-        )
+        task = asyncio.create_task(self._close_within_timeout(client.websocket))
         running.evictions.add(task)
         task.add_done_callback(running.evictions.discard)
+
+    async def _close_within_timeout(self, websocket: ServerConnection) -> None:
+        # close() waits for the write buffer to drain, which a stuck client never lets
+        # happen: give it close_timeout, then drop the TCP connection.
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await websocket.close(CloseCode.POLICY_VIOLATION, _SLOW_CLIENT_REASON)
+        except TimeoutError:
+            websocket.transport.abort()
 
     def _record_error(self, message: str) -> None:
         self._counters.errors += 1
@@ -561,6 +574,7 @@ class RealTimeMetricsServer:
             "uptime_seconds": None,
             "clients": [client.describe(now) for client in self._clients.values()],
             "client_count": len(self._clients),
+            "connections": 0 if running is None else len(running.connections),
             "ticks": counters.ticks,
             "idle_ticks": counters.idle_ticks,
             "ticks_skipped": counters.ticks_skipped,

@@ -46,13 +46,18 @@ async def watch(
                 if ping:
                     return await _ping(ws, as_json=as_json, out=out)
                 await ws.send(json.dumps({"type": "subscribe", "skill": skill}))
+                confirmed = False
                 async for raw in ws:
                     message = json.loads(raw)
                     print(raw if as_json else render_message(message), file=out, flush=True)
-                    if message.get("type") == "metrics_update":
+                    kind = message.get("type")
+                    confirmed = confirmed or kind == "subscription_confirmed"
+                    # Updates sent before the subscription took effect do not count.
+                    if confirmed and kind == "metrics_update" and message.get("skill") == skill:
                         received += 1
                         if count is not None and received >= count:
                             return 0
+                reason = _close_reason(ws.close_code, ws.close_reason)
         except InvalidURI as exc:
             print(f"error: {exc}", file=err)
             return 2
@@ -66,9 +71,8 @@ async def watch(
                 return 1
             reason = str(exc)
         except ConnectionClosed as exc:
-            reason = _close_reason(exc)
-        else:
-            reason = "server closed the connection"
+            close = exc.rcvd or exc.sent
+            reason = _close_reason(*((close.code, close.reason) if close else (None, None)))
         delay = _RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)]
         attempt += 1
         print(f"connection lost ({reason}); reconnecting in {delay:g}s", file=err, flush=True)
@@ -91,11 +95,10 @@ async def _ping(ws: ClientConnection, *, as_json: bool, out: TextIO) -> int:
     return 1
 
 
-def _close_reason(exc: ConnectionClosed) -> str:
-    close = exc.rcvd or exc.sent
-    if close is None:
+def _close_reason(code: int | None, reason: str | None) -> str:
+    if code is None:
         return "connection dropped"
-    return f"closed with {close.code}" + (f": {close.reason}" if close.reason else "")
+    return f"closed with {code}" + (f": {reason}" if reason else "")
 
 
 def render_message(message: dict[str, Any]) -> str:
