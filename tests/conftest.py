@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,6 +20,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from session_buddy_realtime import RealTimeMetricsServer
 from session_buddy_realtime.protocol import load_schema
 from session_buddy_realtime.schema import SCHEMA_SQL
+
+NO_SKIP = os.environ.get("SESSION_BUDDY_REALTIME_NO_SKIP") == "1"
+"""Set by CI: a test that would skip (an external program is missing) fails instead."""
 
 UNIT = 0.05
 """Base time unit of the tests, in seconds; every timeout is a multiple of it."""
@@ -197,3 +201,13 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 60 * UNIT) 
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110 - polls state of other tasks, bounded
             await asyncio.sleep(UNIT / 5)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under SESSION_BUDDY_REALTIME_NO_SKIP=1, report every skip as a failure."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if NO_SKIP and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under SESSION_BUDDY_REALTIME_NO_SKIP=1: {report.longrepr}"
