@@ -298,10 +298,15 @@ class RealTimeMetricsServer:
             if running.broadcaster is not None:
                 running.broadcaster.cancel()
                 await asyncio.gather(running.broadcaster, return_exceptions=True)
-            running.server.close(close_connections=True, code=CloseCode.GOING_AWAY)
+            # Connections still in the handshake, and clients so far behind that a close
+            # frame would wait behind their backlog, are dropped at once; the rest get 1001.
             for connection in list(running.connections):
-                if connection.state is State.CONNECTING:
+                if (
+                    connection.state is State.CONNECTING
+                    or connection.transport.get_write_buffer_size() > self._max_buffered_bytes
+                ):
                     connection.transport.abort()
+            running.server.close(close_connections=True, code=CloseCode.GOING_AWAY)
             # Clients that do not finish the closing handshake in close_timeout (a stuck
             # client cannot even receive the close frame) are dropped.
             try:
