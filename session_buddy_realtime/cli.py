@@ -1,4 +1,4 @@
-"""The ``session-buddy-realtime`` command: ``serve`` and ``watch``."""
+"""The ``session-buddy-realtime`` command: ``serve``, ``watch`` and ``mcp``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from session_buddy_realtime._version import __version__
 from session_buddy_realtime.demo import DEFAULT_DEMO_DB_PATH, DemoWriter, prepare_demo_database
 from session_buddy_realtime.errors import RealtimeError
+from session_buddy_realtime.mcp_host import run_stdio
 from session_buddy_realtime.server import DEFAULT_DB_PATH, RealTimeMetricsServer
 from session_buddy_realtime.watch import DEFAULT_URL, watch
 
@@ -72,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     watch_cmd.add_argument(
         "--count", type=_positive_int, default=None, help="exit after N metrics updates"
     )
+    mcp_cmd = commands.add_parser(
+        "mcp",
+        help="run a stdio MCP server that hosts the plugin",
+        description="Serve MCP over stdio as a Session-Buddy host would: open the skills "
+        "database, load plugins, auto-start the realtime server.",
+    )
+    mcp_cmd.add_argument(
+        "--db", type=Path, default=DEFAULT_DB_PATH, help=f"skills database ({DEFAULT_DB_PATH})"
+    )
+    mcp_cmd.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level on stderr (info)",
+    )
     return parser
 
 
@@ -82,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             _configure_logging(args.log_level)
             return asyncio.run(_serve(args))
+        if args.command == "mcp":
+            # stdout carries the protocol: logs go to stderr, nothing is printed.
+            _configure_logging(args.log_level)
+            asyncio.run(run_stdio(args.db))
+            return 0
         return asyncio.run(
             watch(
                 args.url,

@@ -106,6 +106,8 @@ async def prepare_demo_database(
     rng = rng or random.Random()
     now = now or datetime.now(UTC)
     created = not path.exists()  # noqa: ASYNC240 - one stat before any I/O
+    if not created and not path.is_file():  # noqa: ASYNC240
+        raise RealtimeError(f"cannot prepare demo database {path}: not a regular file")
     try:
         return await _prepare(path, created, rng, now)
     except (OSError, sqlite3.Error) as exc:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["DatabaseNotFoundError", "PortInUseError", "RealtimeError", "ServerStartError"]
+__all__ = [
+    "ConfigError",
+    "DatabaseNotFoundError",
+    "PortInUseError",
+    "RealtimeError",
+    "ServerStartError",
+]
 
 
 class RealtimeError(Exception):
@@ -19,3 +25,7 @@ class DatabaseNotFoundError(ServerStartError, FileNotFoundError):
 
 class PortInUseError(ServerStartError):
     """The address to listen on is already taken by another process."""
+
+
+class ConfigError(RealtimeError, ValueError):
+    """A setting is invalid; the message names it and says what is expected."""

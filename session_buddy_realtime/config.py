@@ -1,0 +1,125 @@
+"""Settings from ``SESSION_BUDDY_REALTIME_*`` variables: the one place that reads them.
+
+The host passes its settings as an environment-style mapping (usually ``os.environ``).
+Every value is checked here, and a bad one raises ``ConfigError`` naming the variable,
+so a typo fails at start instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from session_buddy_realtime.errors import ConfigError
+
+__all__ = ["PREFIX", "RealtimeSettings", "load_settings"]
+
+PREFIX: Final = "SESSION_BUDDY_REALTIME_"
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+# Named in the design for features that are not in this version: refusing them is safer
+# than accepting a token (say) and then not enforcing it.
+_NOT_YET: Final = {
+    "TOKEN": "authentication",
+    "ALLOWED_ORIGINS": "the Origin allow-list",
+    "REDIS_URL": "Redis scale-out",
+}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeSettings:
+    """The plugin's settings, with their defaults."""
+
+    autostart: bool = True
+    """Start the server when the host launches (``SESSION_BUDDY_REALTIME_AUTOSTART``)."""
+    host: str = "localhost"
+    """Address to listen on (``_HOST``)."""
+    port: int = 8765
+    """Port to listen on; 0 for any free port (``_PORT``)."""
+    port_attempts: int = 10
+    """Auto-start tries this many consecutive ports when the first is taken (``_PORT_ATTEMPTS``)."""
+    interval: float = 1.0
+    """Seconds between updates (``_INTERVAL``)."""
+
+
+def load_settings(environ: Mapping[str, str]) -> RealtimeSettings:
+    """Read the ``SESSION_BUDDY_REALTIME_*`` entries of ``environ``.
+
+    Raises:
+        ConfigError: a value is invalid, or a variable is unknown; the message names it.
+    """
+    known = {"AUTOSTART", "HOST", "PORT", "PORT_ATTEMPTS", "INTERVAL"}
+    for key in sorted(environ):
+        if not key.startswith(PREFIX):
+            continue
+        name = key.removeprefix(PREFIX)
+        if name in _NOT_YET:
+            raise ConfigError(
+                f"{key} is set, but {_NOT_YET[name]} is not supported by this version of "
+                f"session-buddy-realtime; unset it"
+            )
+        if name not in known:
+            raise ConfigError(
+                f"unknown setting {key}; known settings are "
+                + ", ".join(PREFIX + k for k in sorted(known))
+            )
+    defaults = RealtimeSettings()
+    return RealtimeSettings(
+        autostart=_read(environ, "AUTOSTART", _boolean, defaults.autostart),
+        host=_read(environ, "HOST", _host, defaults.host),
+        port=_read(environ, "PORT", _bounded_int(0, 65535), defaults.port),
+        port_attempts=_read(environ, "PORT_ATTEMPTS", _bounded_int(1, 100), defaults.port_attempts),
+        interval=_read(environ, "INTERVAL", _interval, defaults.interval),
+    )
+
+
+def _read(environ: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
+    raw = environ.get(PREFIX + name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return parse(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{PREFIX}{name}={raw!r} is invalid: {exc}") from None
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("use 1/0, true/false, yes/no or on/off")
+
+
+def _host(text: str) -> str:
+    if len(text) > 253 or any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise ValueError("expected a host name or IP address")
+    return text
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected a whole number from {low} to {high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(value) or not 0.05 <= value <= 3600:
+        raise ValueError("expected seconds from 0.05 to 3600")
+    return value

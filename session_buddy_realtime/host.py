@@ -1,0 +1,158 @@
+"""The host side of the plugin contract: what Session-Buddy (or any host) calls.
+
+A host builds a ``PluginHost`` once, lets plugins add their tools to its MCP server, and
+runs ``lifespan()`` around its life::
+
+    plugins = PluginHost(HostContext(db_path=path, settings=os.environ))
+    plugins.register_tools(mcp)
+    async with plugins.lifespan(db):   # startup hooks, then shutdown hooks
+        ...
+
+A plugin that fails to load or raises in any hook is logged with its name and skipped;
+the host and the other plugins carry on. Failures are kept in ``HostContext.plugin_errors``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pluggy
+
+from session_buddy_realtime import hookspecs
+from session_buddy_realtime.hookspecs import PROJECT
+
+__all__ = ["HostContext", "PluginFailure", "PluginHost", "create_plugin_manager", "hookimpl"]
+
+logger = logging.getLogger(__name__)
+
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True, slots=True)
+class PluginFailure:
+    """A plugin that could not load, or raised in a hook."""
+
+    plugin: str
+    hook: str
+    error: str
+
+
+@dataclass(eq=False)
+class HostContext:
+    """What a host hands to plugins.
+
+    Attributes:
+        db: The host's open skills-database connection (None until the host opened it).
+        db_path: Where that database lives, if known.
+        settings: Environment-style settings (``SESSION_BUDDY_REALTIME_PORT`` and so on).
+        state: Per-host state for plugins, keyed by plugin name; nothing global.
+        plugin_errors: Every plugin failure so far, for status displays.
+    """
+
+    db: aiosqlite.Connection | None = None
+    db_path: Path | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    plugin_errors: list[PluginFailure] = field(default_factory=list)
+
+
+def create_plugin_manager(
+    *, load_entry_points: bool = True, plugins: Iterable[object] = ()
+) -> tuple[pluggy.PluginManager, list[PluginFailure]]:
+    """Return a plugin manager with the hookspecs, ``plugins`` and installed plugins.
+
+    Installed plugins are those of the ``session_buddy`` entry-point group. One that
+    fails to import is logged and reported in the returned list, not raised.
+    """
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(hookspecs)
+    for plugin in plugins:
+        manager.register(plugin)
+    failures: list[PluginFailure] = []
+    if load_entry_points:
+        for entry in entry_points(group=PROJECT):
+            if manager.has_plugin(entry.name):
+                continue
+            try:
+                manager.register(entry.load(), name=entry.name)
+            except Exception as exc:  # a broken plugin must not stop the host
+                logger.exception("plugin %s failed to load", entry.name)
+                failures.append(PluginFailure(entry.name, "load", repr(exc)))
+    return manager, failures
+
+
+class PluginHost:
+    """Calls each plugin's hooks one by one, so that one failing plugin skips only itself.
+
+    Args:
+        host: The context handed to every hook.
+        manager: A plugin manager; by default one with the installed plugins.
+    """
+
+    def __init__(self, host: HostContext, manager: pluggy.PluginManager | None = None) -> None:
+        self.host = host
+        if manager is None:
+            manager, failures = create_plugin_manager()
+            host.plugin_errors.extend(failures)
+        self.manager = manager
+
+    def register_tools(self, mcp: Any) -> None:
+        """Run every ``register_tools`` hook on ``mcp``."""
+        for name, function, kwargs in self._calls("register_tools", mcp=mcp, host=self.host):
+            try:
+                function(**kwargs)
+            except Exception as exc:
+                self._failed(name, "register_tools", exc)
+
+    async def startup(self) -> None:
+        """Run every ``startup`` hook, awaiting what it returns."""
+        await self._run_async("startup")
+
+    async def shutdown(self) -> None:
+        """Run every ``shutdown`` hook, awaiting what it returns."""
+        await self._run_async("shutdown")
+
+    @asynccontextmanager
+    async def lifespan(self, db: aiosqlite.Connection | None = None) -> AsyncIterator[HostContext]:
+        """Run ``startup`` on entry and ``shutdown`` on exit (even on error).
+
+        Args:
+            db: The host's open database connection, stored in ``host.db`` first.
+        """
+        if db is not None:
+            self.host.db = db
+        await self.startup()
+        try:
+            yield self.host
+        finally:
+            await self.shutdown()
+
+    async def _run_async(self, hook: str) -> None:
+        for name, function, kwargs in self._calls(hook, host=self.host):
+            try:
+                result = function(**kwargs)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                self._failed(name, hook, exc)
+
+    def _calls(self, hook: str, **available: Any) -> list[tuple[str, Any, dict[str, Any]]]:
+        caller = getattr(self.manager.hook, hook)
+        calls = []
+        # pluggy calls the last registered implementation first; keep that order.
+        for impl in reversed(caller.get_hookimpls()):
+            kwargs = {arg: available[arg] for arg in impl.argnames}
+            calls.append((impl.plugin_name, impl.function, kwargs))
+        return calls
+
+    def _failed(self, plugin: str, hook: str, exc: Exception) -> None:
+        logger.error("plugin %s failed in %s: %r (skipped)", plugin, hook, exc, exc_info=exc)
+        self.host.plugin_errors.append(PluginFailure(plugin, hook, repr(exc)))
