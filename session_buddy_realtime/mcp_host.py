@@ -8,6 +8,7 @@ database. Only protocol messages go to stdout; logs go to stderr.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sqlite3
@@ -67,11 +68,16 @@ def build_host_server(db_path: Path, settings: Mapping[str, str] | None = None) 
             if db is not None:
                 await db.close()
 
-    server = _server_class()(
+    server_class = _server_class()
+    extra: dict[str, Any] = {}
+    if "version" in inspect.signature(server_class).parameters:  # mcp 2.x
+        extra["version"] = __version__
+    server = server_class(
         SERVER_NAME,
         instructions="Live Session-Buddy skill metrics: start, stop and inspect the "
         "realtime WebSocket stream, or read a snapshot.",
         lifespan=lifespan,
+        **extra,
     )
     plugins.register_tools(server)
     logger.info("session-buddy-realtime %s host ready (database %s)", __version__, db_path)

@@ -329,7 +329,7 @@ class RealTimeMetricsServer:
         path = self.db_path.expanduser().resolve()
         if not path.is_file():
             raise DatabaseNotFoundError(
-                f"skills database not found: {path} (set db_path, or create a demo "
+                f"skills database not found: {path} (check the path, or create a demo "
                 f"database with 'session-buddy-realtime serve --demo')"
             )
         db = await aiosqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True)

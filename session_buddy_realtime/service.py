@@ -169,12 +169,11 @@ class RealtimeService:
             # Never started: the shape of a stopped server's status, with nothing counted.
             status = RealTimeMetricsServer(port=0).status()
             status.update(port=None, host=None)
-            status["database"].update(
-                path=None if self.host.db_path is None else str(self.host.db_path),
-                shared_connection=self.host.db is not None,
-            )
+            status["database"]["shared_connection"] = self.host.db is not None
         if status["last_error"] is None:
             status["last_error"] = self._last_error
+        if self.host.db_path is not None:
+            status["database"]["path"] = str(self.host.db_path.expanduser().resolve())
         status.update(
             requested_port=self._requested_port,
             note=self._note,

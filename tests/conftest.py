@@ -21,7 +21,7 @@ from session_buddy_realtime import RealTimeMetricsServer
 from session_buddy_realtime.protocol import load_schema
 from session_buddy_realtime.schema import SCHEMA_SQL
 
-NO_SKIP = os.environ.get("SESSION_BUDDY_REALTIME_NO_SKIP") == "1"
+NO_SKIP = os.environ.get("REALTIME_TESTS_NO_SKIP") == "1"
 """Set by CI: a test that would skip (an external program is missing) fails instead."""
 
 UNIT = 0.05
@@ -205,9 +205,9 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 60 * UNIT) 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """Under SESSION_BUDDY_REALTIME_NO_SKIP=1, report every skip as a failure."""
+    """Under REALTIME_TESTS_NO_SKIP=1, report every skip as a failure."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     if NO_SKIP and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
-        report.longrepr = f"skipped under SESSION_BUDDY_REALTIME_NO_SKIP=1: {report.longrepr}"
+        report.longrepr = f"skipped under REALTIME_TESTS_NO_SKIP=1: {report.longrepr}"
