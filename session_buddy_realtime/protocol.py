@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from importlib.resources import files
@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "MAX_SKILL_NAME_LENGTH",
     "PROTOCOL_VERSION",
+    "Auth",
     "CloseCode",
     "ErrorCode",
     "Ping",
@@ -25,6 +26,7 @@ __all__ = [
     "Request",
     "Subscribe",
     "Unsubscribe",
+    "authenticated_message",
     "connected_message",
     "encode",
     "error_message",
@@ -51,6 +53,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     INVALID_SKILL = "invalid_skill"
     UNSUPPORTED_FRAME = "unsupported_frame"
+    NOT_AUTHENTICATED = "not_authenticated"
+    RATE_LIMITED = "rate_limited"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -62,6 +66,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    AUTH_FAILED = 4001
 
 
 class ProtocolError(ValueError):
@@ -90,7 +95,14 @@ class Ping:
     """``ping``: answered with ``pong``."""
 
 
-Request = Subscribe | Unsubscribe | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``auth``: the shared token, as the first message (never shown in ``repr``)."""
+
+    token: str = field(repr=False)
+
+
+Request = Subscribe | Unsubscribe | Ping | Auth
 
 
 def load_schema() -> dict[str, Any]:
@@ -175,6 +187,13 @@ def parse_client_message(raw: str | bytes) -> Request:
         return Unsubscribe()
     if kind == "ping":
         return Ping()
+    if kind == "auth":
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "'auth' needs a non-empty string 'token'"
+            )
+        return Auth(token)
     shown = (
         kind
         if len(kind) <= 32 and kind.isprintable()
@@ -182,7 +201,7 @@ def parse_client_message(raw: str | bytes) -> Request:
     )
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        f"unknown message type {shown!r}; expected 'subscribe', 'unsubscribe' or 'ping'",
+        f"unknown message type {shown!r}; expected 'subscribe', 'unsubscribe', 'ping' or 'auth'",
     )
 
 
@@ -224,8 +243,13 @@ def connected_message(
     server_version: str,
     update_interval: float,
     subscription: Literal["all"] | None = "all",
+    authenticated: bool = False,
+    auth_required: bool = False,
 ) -> dict[str, Any]:
-    """Build the welcome message sent first on every connection."""
+    """Build the welcome message sent first on every connection.
+
+    ``subscription`` is None while the client still has to authenticate.
+    """
     return {
         "type": "connected",
         "message": WELCOME_TEXT,
@@ -234,7 +258,14 @@ def connected_message(
         "server_version": server_version,
         "update_interval": update_interval,
         "subscription": subscription,
+        "auth_required": auth_required,
+        "authenticated": authenticated,
     }
+
+
+def authenticated_message(*, timestamp: str) -> dict[str, Any]:
+    """Confirm a valid ``auth``; the client is then subscribed to all skills."""
+    return {"type": "authenticated", "subscription": "all", "timestamp": timestamp}
 
 
 def metrics_update_message(

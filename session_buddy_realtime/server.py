@@ -13,8 +13,10 @@ import asyncio
 import errno
 import logging
 import math
+import resource
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,14 +37,21 @@ from session_buddy_realtime.errors import (
     RealtimeError,
     ServerStartError,
 )
+from session_buddy_realtime.gate import (
+    ConnectionRegistry,
+    HandshakeGate,
+    tracking_connection_class,
+)
 from session_buddy_realtime.metrics import MetricsSnapshot, MetricsSource
 from session_buddy_realtime.protocol import (
+    Auth,
     CloseCode,
     ErrorCode,
     Ping,
     ProtocolError,
     Subscribe,
     Unsubscribe,
+    authenticated_message,
     connected_message,
     encode,
     error_message,
@@ -53,6 +62,14 @@ from session_buddy_realtime.protocol import (
     subscription_confirmed_message,
     unsubscribed_message,
     validate_skill_name,
+)
+from session_buddy_realtime.security import (
+    RateLimiter,
+    RedactSecrets,
+    build_ssl_context,
+    is_loopback,
+    own_origins,
+    tokens_match,
 )
 
 __all__ = ["DEFAULT_DB_PATH", "ClientState", "RealTimeMetricsServer"]
@@ -70,11 +87,14 @@ class ClientState:
     websocket: ServerConnection
     remote: str
     connected_at: float
+    limiter: RateLimiter
     subscribed: bool = True
     skill: str | None = None
+    authenticated: bool = False
     messages_sent: int = 0
     updates_dropped: int = 0
     congested_since: float | None = None
+    rate_violations: int = 0
 
     def describe(self, now: float) -> dict[str, Any]:
         """Return this client as shown in ``status()``."""
@@ -82,6 +102,7 @@ class ClientState:
             "remote": self.remote,
             "connected_for_seconds": round(now - self.connected_at, 3),
             "subscription": (self.skill or "all") if self.subscribed else None,
+            "authenticated": self.authenticated,
             "messages_sent": self.messages_sent,
             "updates_dropped": self.updates_dropped,
             "congested": self.congested_since is not None,
@@ -101,6 +122,8 @@ class _Counters:
     last_tick_seconds: float | None = None
     last_error: str | None = None
     errors: int = 0
+    auth_failures: int = 0
+    rate_limited: int = 0
 
 
 @dataclass(slots=True)
@@ -112,7 +135,8 @@ class _Running:
     db: aiosqlite.Connection
     owns_db: bool
     stopping: asyncio.Event
-    connections: set[ServerConnection]
+    registry: ConnectionRegistry
+    gate: HandshakeGate
     started_at: float
     started_monotonic: float
     broadcaster: asyncio.Task[None] | None = None
@@ -138,6 +162,20 @@ class RealTimeMetricsServer:
         open_timeout: Seconds allowed for the opening handshake.
         close_timeout: Seconds to wait for a closing handshake before dropping the socket.
         detection: Windows and thresholds of live anomaly detection.
+        token: Shared secret clients must present (header, query parameter or first
+            ``auth`` message); None for no authentication.
+        auth_timeout: Seconds a client has to authenticate before it is closed (4001).
+        ssl_certfile: PEM certificate (chain) to serve ``wss://``; None for plain ``ws://``.
+        ssl_keyfile: PEM private key, if not in ``ssl_certfile``.
+        allowed_origins: Browser origins allowed besides the server's own; ``*`` for any.
+            Clients that send no Origin (not browsers) are always allowed.
+        check_host_header: On a loopback address, refuse requests whose Host header names
+            another host (DNS rebinding).
+        max_connections: Open connections at most; None for 10,000 or what the open-file
+            limit allows.
+        max_connections_per_ip: Open connections from one address at most.
+        message_rate: Client messages per second allowed on average.
+        message_burst: Client messages allowed in a burst.
     """
 
     def __init__(
@@ -159,6 +197,17 @@ class RealTimeMetricsServer:
         close_timeout: float = 1.0,
         # Data
         detection: DetectionSettings | None = None,
+        # Security
+        token: str | None = None,
+        auth_timeout: float = 5.0,
+        ssl_certfile: Path | str | None = None,
+        ssl_keyfile: Path | str | None = None,
+        allowed_origins: Iterable[str] = (),
+        check_host_header: bool = True,
+        max_connections: int | None = None,
+        max_connections_per_ip: int = 1000,
+        message_rate: float = 10.0,
+        message_burst: int = 20,
     ) -> None:
         _require(isinstance(port, int) and 0 <= port <= 65535, "port", "an integer 0-65535")
         _require(
@@ -173,6 +222,17 @@ class RealTimeMetricsServer:
         _require(close_timeout > 0, "close_timeout", "positive")
         _require(ping_interval is None or ping_interval > 0, "ping_interval", "positive or None")
         _require(ping_timeout is None or ping_timeout > 0, "ping_timeout", "positive or None")
+        _require(token is None or len(token) >= 8, "token", "at least 8 characters")
+        _require(auth_timeout > 0, "auth_timeout", "positive")
+        _require(
+            ssl_keyfile is None or ssl_certfile is not None,
+            "ssl_keyfile",
+            "given together with ssl_certfile",
+        )
+        _require(max_connections is None or max_connections >= 1, "max_connections", ">= 1")
+        _require(max_connections_per_ip >= 1, "max_connections_per_ip", ">= 1")
+        _require(message_rate > 0 and math.isfinite(message_rate), "message_rate", "positive")
+        _require(message_burst >= 1, "message_burst", ">= 1")
         self.host = host
         self.port = port
         self.db_path = Path(db_path) if db_path is not None else DEFAULT_DB_PATH
@@ -186,6 +246,16 @@ class RealTimeMetricsServer:
         self._open_timeout = open_timeout
         self._close_timeout = close_timeout
         self._detection = detection or DetectionSettings()
+        self._token = token
+        self._auth_timeout = auth_timeout
+        self._ssl_certfile = None if ssl_certfile is None else Path(ssl_certfile)
+        self._ssl_keyfile = None if ssl_keyfile is None else Path(ssl_keyfile)
+        self._allowed_origins = {origin.rstrip("/") for origin in allowed_origins}
+        self._check_host_header = check_host_header
+        self._max_connections = max_connections or _default_max_connections()
+        self._max_connections_per_ip = max_connections_per_ip
+        self._message_rate = message_rate
+        self._message_burst = message_burst
         self._clients: dict[ServerConnection, ClientState] = {}
         self._counters = _Counters()
         self._running: _Running | None = None
@@ -211,6 +281,11 @@ class RealTimeMetricsServer:
         return self._running is not None
 
     @property
+    def scheme(self) -> str:
+        """``wss`` with TLS, else ``ws``."""
+        return "wss" if self._ssl_certfile is not None else "ws"
+
+    @property
     def urls(self) -> list[str]:
         """The ``ws://`` addresses the server listens on (empty when stopped)."""
         if self._running is None:
@@ -219,7 +294,7 @@ class RealTimeMetricsServer:
         for sock in self._running.server.sockets:
             address, port = sock.getsockname()[:2]
             shown = f"[{address}]" if ":" in address else address
-            urls.append(f"ws://{shown}:{port}")
+            urls.append(f"{self.scheme}://{shown}:{port}")
         return urls
 
     async def start(self) -> None:
@@ -233,8 +308,20 @@ class RealTimeMetricsServer:
         async with self._lifecycle:
             if self._running is not None:
                 return
+            ssl_context = None
+            if self._ssl_certfile is not None:
+                ssl_context = build_ssl_context(self._ssl_certfile, self._ssl_keyfile)
             db, owns_db = await self._open_database()
-            connections: set[ServerConnection] = set()
+            registry = ConnectionRegistry()
+            gate = HandshakeGate(
+                registry=registry,
+                max_connections=self._max_connections,
+                max_connections_per_ip=self._max_connections_per_ip,
+                token=self._token,
+                allowed_origins=set(self._allowed_origins),
+                check_host_header=self._check_host_header and is_loopback(self.host),
+                bound_host=self.host,
+            )
             try:
                 server = await serve(
                     self.client_handler,
@@ -247,8 +334,10 @@ class RealTimeMetricsServer:
                     ping_interval=self._ping_interval,
                     ping_timeout=self._ping_timeout,
                     close_timeout=self._close_timeout,
-                    create_connection=_tracking_connection_class(connections),
-                    logger=logging.getLogger("session_buddy_realtime.websockets"),
+                    create_connection=tracking_connection_class(registry),
+                    process_request=gate,
+                    ssl=ssl_context,
+                    logger=_websockets_logger(),
                 )
             except OSError as exc:
                 if owns_db:
@@ -272,17 +361,27 @@ class RealTimeMetricsServer:
                 db=db,
                 owns_db=owns_db,
                 stopping=asyncio.Event(),
-                connections=connections,
+                registry=registry,
+                gate=gate,
                 started_at=time.time(),
                 started_monotonic=time.monotonic(),
             )
             self._running = running
             if self.port == 0 and server.sockets:
                 self.port = server.sockets[0].getsockname()[1]
+            for sock in server.sockets:
+                gate.allowed_origins |= own_origins(sock.getsockname()[1])
             running.broadcaster = asyncio.create_task(
                 self.broadcast_metrics(), name="session-buddy-realtime broadcaster"
             )
             logger.info("listening on %s", ", ".join(self.urls))
+            if not is_loopback(self.host) and self._token is None and ssl_context is None:
+                logger.warning(
+                    "listening on %s, which is not a loopback address, with neither a token "
+                    "nor TLS: anyone who can reach this port can read the metrics; set a "
+                    "token (SESSION_BUDDY_REALTIME_TOKEN) and TLS, or bind to localhost",
+                    self.host,
+                )
 
     async def stop(self) -> None:
         """Close every client (1001), stop the broadcaster, release the port and DB.
@@ -300,7 +399,7 @@ class RealTimeMetricsServer:
                 await asyncio.gather(running.broadcaster, return_exceptions=True)
             # Connections still in the handshake, and clients so far behind that a close
             # frame would wait behind their backlog, are dropped at once; the rest get 1001.
-            for connection in list(running.connections):
+            for connection in list(running.registry.connections):
                 if (
                     connection.state is State.CONNECTING
                     or connection.transport.get_write_buffer_size() > self._max_buffered_bytes
@@ -313,7 +412,7 @@ class RealTimeMetricsServer:
                 async with asyncio.timeout(self._close_timeout):
                     await running.server.wait_closed()
             except TimeoutError:
-                for connection in list(running.connections):
+                for connection in list(running.registry.connections):
                     connection.transport.abort()
                 await running.server.wait_closed()
             if running.evictions:
@@ -347,7 +446,12 @@ class RealTimeMetricsServer:
         """Add a client, subscribed to all skills (the seed's default)."""
         remote = websocket.remote_address
         shown = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
-        state = ClientState(websocket=websocket, remote=shown, connected_at=time.monotonic())
+        state = ClientState(
+            websocket=websocket,
+            remote=shown,
+            connected_at=time.monotonic(),
+            limiter=RateLimiter(self._message_rate, self._message_burst),
+        )
         self._clients[websocket] = state
         self._counters.connections_total += 1
         logger.debug("client %s connected (%d now)", shown, len(self._clients))
@@ -360,21 +464,95 @@ class RealTimeMetricsServer:
             logger.debug("client %s left (%d now)", state.remote, len(self._clients))
 
     async def client_handler(self, websocket: ServerConnection) -> None:
-        """Serve one connection: welcome, then answer its messages until it closes."""
-        self.register_client(websocket)
+        """Serve one connection: welcome, authentication if required, then its messages.
+
+        Messages over the rate limit get one ``rate_limited`` error; a client that keeps
+        going is closed with 1008.
+        """
+        state = self.register_client(websocket)
+        running = self._running
         try:
+            state.authenticated = running is not None and (
+                websocket in running.registry.preauthenticated
+            )
+            state.subscribed = self._token is None or state.authenticated
             welcome = connected_message(
                 timestamp=format_timestamp(),
                 server_version=__version__,
                 update_interval=self.update_interval,
+                subscription="all" if state.subscribed else None,
+                authenticated=state.authenticated,
+                auth_required=self._token is not None,
             )
             await self._reply(websocket, welcome)
+            if not state.subscribed and not await self._authenticate(websocket, state):
+                return
             async for message in websocket:
+                if not await self._within_rate(websocket, state):
+                    return
                 await self.handle_client_message(websocket, message)
         except ConnectionClosed:
             pass
         finally:
             self.unregister_client(websocket)
+
+    async def _authenticate(self, websocket: ServerConnection, state: ClientState) -> bool:
+        """Serve only ``auth`` until the client authenticates; close it (4001) otherwise."""
+        try:
+            async with asyncio.timeout(self._auth_timeout):
+                async for message in websocket:
+                    if not await self._within_rate(websocket, state):
+                        return False
+                    try:
+                        request = parse_client_message(message)
+                    except ProtocolError as exc:
+                        await self._reply_error(websocket, exc.code, exc.message)
+                        continue
+                    if isinstance(request, Auth):
+                        return await self._check_token(websocket, state, request.token)
+                    await self._reply_error(
+                        websocket,
+                        ErrorCode.NOT_AUTHENTICATED,
+                        'authenticate first: send {"type": "auth", "token": "..."}',
+                    )
+        except TimeoutError:
+            self._counters.auth_failures += 1
+            await websocket.close(CloseCode.AUTH_FAILED, "authentication timeout")
+        return False
+
+    async def _check_token(
+        self, websocket: ServerConnection, state: ClientState, token: str
+    ) -> bool:
+        if self._token is not None and not tokens_match(token, self._token):
+            self._counters.auth_failures += 1
+            logger.info("client %s failed to authenticate", state.remote)
+            await websocket.close(CloseCode.AUTH_FAILED, "authentication failed")
+            return False
+        state.authenticated = self._token is not None
+        if not state.subscribed:
+            state.subscribed, state.skill = True, None
+        await self._reply(websocket, authenticated_message(timestamp=format_timestamp()))
+        return True
+
+    async def _within_rate(self, websocket: ServerConnection, state: ClientState) -> bool:
+        """Apply the message rate limit; False once the client has been closed for it."""
+        if state.limiter.allow():
+            state.rate_violations = 0
+            return True
+        state.rate_violations += 1
+        self._counters.rate_limited += 1
+        if state.rate_violations == 1:
+            await self._reply_error(
+                websocket,
+                ErrorCode.RATE_LIMITED,
+                f"too many messages: at most {self._message_rate:g} per second "
+                f"(bursts of {self._message_burst}); this message was ignored",
+            )
+        elif state.rate_violations > self._message_burst:
+            logger.warning("closing client %s: message rate limit exceeded", state.remote)
+            await websocket.close(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
+            return False
+        return True
 
     async def handle_client_message(
         self, websocket: ServerConnection, message: str | bytes
@@ -383,34 +561,35 @@ class RealTimeMetricsServer:
         try:
             request = parse_client_message(message)
         except ProtocolError as exc:
-            await self._reply(
-                websocket, error_message(exc.code, exc.message, timestamp=format_timestamp())
+            await self._reply_error(websocket, exc.code, exc.message)
+            return
+        state = self._clients.get(websocket)
+        if state is None:
+            return
+        if not isinstance(request, Auth) and not self._may_use(state):
+            await self._reply_error(
+                websocket, ErrorCode.NOT_AUTHENTICATED, "authenticate first with an 'auth' message"
             )
             return
         try:
             if isinstance(request, Subscribe):
                 await self.handle_subscription(websocket, request.skill)
             elif isinstance(request, Unsubscribe):
-                state = self._clients.get(websocket)
-                if state is not None:
-                    state.subscribed = False
-                    state.skill = None
+                state.subscribed = False
+                state.skill = None
                 await self._reply(websocket, unsubscribed_message(timestamp=format_timestamp()))
             elif isinstance(request, Ping):
                 await self._reply(websocket, pong_message(timestamp=format_timestamp()))
+            elif isinstance(request, Auth):
+                await self._check_token(websocket, state, request.token)
         except ConnectionClosed:
             raise
         except Exception as exc:
             # Our fault, not the client's: keep the connection and the server going.
             self._record_error(f"handling {type(request).__name__.lower()}: {exc!r}")
             logger.exception("internal error answering %s", type(request).__name__.lower())
-            await self._reply(
-                websocket,
-                error_message(
-                    ErrorCode.INTERNAL_ERROR,
-                    "internal error; see the server log",
-                    timestamp=format_timestamp(),
-                ),
+            await self._reply_error(
+                websocket, ErrorCode.INTERNAL_ERROR, "internal error; see the server log"
             )
 
     async def handle_subscription(
@@ -426,7 +605,7 @@ class RealTimeMetricsServer:
             return
         state = self._clients.get(websocket)
         running = self._running
-        if state is None or running is None:
+        if state is None or running is None or not self._may_use(state):
             return
         snapshot = await running.source.read(frozenset() if skill is None else {skill})
         if self._clients.get(websocket) is not state:
@@ -445,6 +624,12 @@ class RealTimeMetricsServer:
         broadcast([websocket], confirmation)
         broadcast([websocket], first_update)
         state.messages_sent += 2
+
+    def _may_use(self, state: ClientState) -> bool:
+        return self._token is None or state.authenticated
+
+    async def _reply_error(self, websocket: ServerConnection, code: ErrorCode, text: str) -> None:
+        await self._reply(websocket, error_message(code, text, timestamp=format_timestamp()))
 
     async def _reply(self, websocket: ServerConnection, message: dict[str, Any]) -> None:
         # Awaiting the send pauses reading from this client until it drains: a client
@@ -579,7 +764,7 @@ class RealTimeMetricsServer:
             "uptime_seconds": None,
             "clients": [client.describe(now) for client in self._clients.values()],
             "client_count": len(self._clients),
-            "connections": 0 if running is None else len(running.connections),
+            "connections": 0 if running is None else len(running.registry.connections),
             "ticks": counters.ticks,
             "idle_ticks": counters.idle_ticks,
             "ticks_skipped": counters.ticks_skipped,
@@ -591,6 +776,11 @@ class RealTimeMetricsServer:
             "last_tick_seconds": counters.last_tick_seconds,
             "errors": counters.errors,
             "last_error": counters.last_error,
+            "auth_enabled": self._token is not None,
+            "tls_enabled": self._ssl_certfile is not None,
+            "auth_failures": counters.auth_failures,
+            "rate_limited": counters.rate_limited,
+            "refused": {} if running is None else dict(running.gate.refused),
             "database": {
                 "path": None if self._external_db is not None else str(self.db_path),
                 "shared_connection": self._external_db is not None,
@@ -619,19 +809,23 @@ def _update(snapshot: MetricsSnapshot, skill: str | None, timestamp: str) -> dic
     )
 
 
-def _tracking_connection_class(registry: set[ServerConnection]) -> type[ServerConnection]:
-    # Every TCP connection, handshake finished or not, so stop() can drop those that
-    # would otherwise hold it up until open_timeout.
-    class TrackedConnection(ServerConnection):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            registry.add(self)
+def _websockets_logger() -> logging.Logger:
+    # The library logs request lines at debug level, query string (token) included.
+    library = logging.getLogger("session_buddy_realtime.websockets")
+    if not any(isinstance(f, RedactSecrets) for f in library.filters):
+        library.addFilter(RedactSecrets())
+    return library
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            registry.discard(self)
-            super().connection_lost(exc)
 
-    return TrackedConnection
+def _default_max_connections() -> int:
+    # Leave room for the database, logs and the host's own files.
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 10_000
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(1, min(10_000, soft - 64))
 
 
 def _require(condition: bool, setting: str, expected: str) -> None:

@@ -178,8 +178,6 @@ class RealtimeService:
             requested_port=self._requested_port,
             note=self._note,
             autostart=dict(self._autostart),
-            auth_enabled=False,
-            tls_enabled=False,
             broker=None,
             plugin_errors=[
                 f"{failure.plugin} in {failure.hook}: {failure.error}"

@@ -49,7 +49,10 @@ class ClientInfo(_Model):
 
     remote: str = Field(description="Client address and port.")
     connected_for_seconds: float
-    subscription: str | None = Field(description="'all', a skill name, or null if unsubscribed.")
+    subscription: str | None = Field(
+        description="'all', a skill name, or null if unsubscribed or not yet authenticated."
+    )
+    authenticated: bool = Field(description="True when the client presented a valid token.")
     messages_sent: int
     updates_dropped: int = Field(description="Updates skipped because the client was behind.")
     congested: bool = Field(description="True while the client is not keeping up.")
@@ -101,8 +104,13 @@ class RealtimeStatus(_Model):
     last_error: str | None
     database: DatabaseInfo
     autostart: AutostartInfo
-    auth_enabled: bool
-    tls_enabled: bool
+    auth_enabled: bool = Field(description="True when clients must present a token.")
+    tls_enabled: bool = Field(description="True when serving wss:// (TLS).")
+    auth_failures: int = Field(description="Clients closed for a wrong or missing token.")
+    rate_limited: int = Field(description="Client messages refused by the rate limit.")
+    refused: dict[str, int] = Field(
+        description="Connections refused at the handshake, by reason (limits, Host, Origin, token)."
+    )
     broker: str | None = Field(description="Scale-out broker state; null when not configured.")
     plugin_errors: list[str] = Field(description="Plugins of this host that failed.")
 

@@ -47,7 +47,7 @@ def _json_examples(markdown: str) -> list[object]:
 @pytest.mark.parametrize("example", _json_examples((ROOT / "docs" / "protocol.md").read_text()))
 def test_protocol_doc_examples_match_the_schema(example: dict[str, object]) -> None:
     """Every JSON example in docs/protocol.md is a valid server or client message."""
-    client_types = {"subscribe", "unsubscribe", "ping"}
+    client_types = {"subscribe", "unsubscribe", "ping", "auth"}
     validator = CLIENT_MESSAGE if example.get("type") in client_types else SERVER_MESSAGE
     try:
         validator.validate(example)
