@@ -8,6 +8,7 @@ so a typo fails at start instead of being silently ignored.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -17,6 +18,8 @@ from session_buddy_realtime.errors import ConfigError
 __all__ = ["PREFIX", "RealtimeSettings", "load_settings"]
 
 PREFIX: Final = "SESSION_BUDDY_REALTIME_"
+HOST_PATTERN: Final = re.compile(r"[A-Za-z0-9.:\[\]_-]+")
+"""What a host name or address to listen on may contain (also enforced by the MCP tool)."""
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 # Named in the design for features that are not in this version: refusing them is safer
@@ -97,7 +100,7 @@ def _boolean(text: str) -> bool:
 
 
 def _host(text: str) -> str:
-    if len(text) > 253 or any(ch.isspace() or not ch.isprintable() for ch in text):
+    if not HOST_PATTERN.fullmatch(text) or len(text) > 253:
         raise ValueError("expected a host name or IP address")
     return text
 

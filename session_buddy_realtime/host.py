@@ -82,7 +82,9 @@ def create_plugin_manager(
             if manager.has_plugin(entry.name):
                 continue
             try:
-                manager.register(entry.load(), name=entry.name)
+                loaded = entry.load()
+                if not manager.is_registered(loaded):
+                    manager.register(loaded, name=entry.name)
             except Exception as exc:  # a broken plugin must not stop the host
                 logger.exception("plugin %s failed to load", entry.name)
                 failures.append(PluginFailure(entry.name, "load", repr(exc)))
@@ -103,6 +105,7 @@ class PluginHost:
             manager, failures = create_plugin_manager()
             host.plugin_errors.extend(failures)
         self.manager = manager
+        self._entered = 0
 
     def register_tools(self, mcp: Any) -> None:
         """Run every ``register_tools`` hook on ``mcp``."""
@@ -122,18 +125,25 @@ class PluginHost:
 
     @asynccontextmanager
     async def lifespan(self, db: aiosqlite.Connection | None = None) -> AsyncIterator[HostContext]:
-        """Run ``startup`` on entry and ``shutdown`` on exit (even on error).
+        """Run ``startup`` on the first entry and ``shutdown`` on the last exit.
+
+        Some servers enter their lifespan once per client session (mcp 1.x ``FastMCP``
+        over HTTP); nesting is counted, so the hooks still run once for the host.
 
         Args:
             db: The host's open database connection, stored in ``host.db`` first.
         """
         if db is not None:
             self.host.db = db
-        await self.startup()
+        self._entered += 1
         try:
+            if self._entered == 1:
+                await self.startup()
             yield self.host
         finally:
-            await self.shutdown()
+            self._entered -= 1
+            if self._entered == 0:
+                await self.shutdown()
 
     async def _run_async(self, hook: str) -> None:
         for name, function, kwargs in self._calls(hook, host=self.host):

@@ -624,6 +624,7 @@ class RealTimeMetricsServer:
         broadcast([websocket], confirmation)
         broadcast([websocket], first_update)
         state.messages_sent += 2
+        self._counters.messages_sent += 2
 
     def _may_use(self, state: ClientState) -> bool:
         return self._token is None or state.authenticated
@@ -635,6 +636,7 @@ class RealTimeMetricsServer:
         # Awaiting the send pauses reading from this client until it drains: a client
         # that floods without reading slows only itself.
         await websocket.send(encode(message))
+        self._counters.messages_sent += 1
         state = self._clients.get(websocket)
         if state is not None:
             state.messages_sent += 1
@@ -662,7 +664,8 @@ class RealTimeMetricsServer:
                 self._record_error(f"broadcast tick: {exc!r}")
                 logger.exception("broadcast tick failed")
             ended = loop.time()
-            self._counters.last_tick_seconds = ended - began
+            self._counters.last_tick_at = format_timestamp()
+            self._counters.last_tick_seconds = round(ended - began, 6)
             next_tick += interval
             if next_tick <= ended:
                 missed = math.floor((ended - next_tick) / interval) + 1
@@ -685,7 +688,6 @@ class RealTimeMetricsServer:
             return
         snapshot = await running.source.read({skill for skill in groups if skill is not None})
         timestamp = format_timestamp()
-        self._counters.last_tick_at = timestamp
         for skill, members in groups.items():
             frame = encode(_update(snapshot, skill, timestamp))
             self._deliver(running, skill, members, frame)

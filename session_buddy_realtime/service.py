@@ -102,6 +102,7 @@ class RealtimeService:
                     self._last_error = f"{format_timestamp()} {exc}"
                     raise
                 self._server = server
+                self._last_error = None
                 break
             if taken:
                 holder = await _describe_holder(host, taken[0])
@@ -131,6 +132,7 @@ class RealtimeService:
         async with self._lock:
             if self._server is not None and self._server.running:
                 await self._server.stop()
+                self._note = None
                 logger.info("realtime server stopped")
             return self.status()
 
@@ -167,7 +169,11 @@ class RealtimeService:
             status = self._server.status()
         else:
             # Never started: the shape of a stopped server's status, with nothing counted.
-            status = RealTimeMetricsServer(port=0).status()
+            try:
+                settings = self.settings
+            except ConfigError:
+                settings = RealtimeSettings()
+            status = RealTimeMetricsServer(port=0, update_interval=settings.interval).status()
             status.update(port=None, host=None)
             status["database"]["shared_connection"] = self.host.db is not None
         if status["last_error"] is None:

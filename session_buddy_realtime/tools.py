@@ -1,10 +1,10 @@
 """The MCP tools: ``realtime_start``, ``realtime_stop``, ``realtime_status``, ``realtime_snapshot``.
 
-The only module that imports ``mcp``. Tools work on any server object with the
-``tool(...)`` decorator factory: mcp's ``MCPServer`` (mcp 2.x) or ``FastMCP`` (mcp 1.x),
-and the standalone FastMCP (3.x on mcp 1.x, 4.x on mcp 2.x). Inputs are validated by
-their annotations; outputs are typed models (structured output); expected failures are
-raised as the server's own ``ToolError`` so the client reads what to fix.
+The plugin's only module that imports ``mcp`` (the stdio host does too). Tools work on any
+server object with the ``tool(...)`` decorator factory: mcp's ``MCPServer`` (mcp 2.x) or
+``FastMCP`` (mcp 1.x), and the standalone FastMCP (3.x on mcp 1.x, 4.x on mcp 2.x). Inputs
+are validated by their annotations; outputs are typed models (structured output); expected
+failures are raised as the server's own ``ToolError`` so the client reads what to fix.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Annotated, Any, Final, Literal, ParamSpec, Protocol, TypeVar
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
+from session_buddy_realtime.config import HOST_PATTERN
 from session_buddy_realtime.errors import RealtimeError
 from session_buddy_realtime.protocol import ProtocolError
 from session_buddy_realtime.service import RealtimeService
@@ -180,7 +181,7 @@ def _annotations(title: str, *, read_only: bool, idempotent: bool) -> ToolAnnota
 
 def _tool_error_class(mcp: Any) -> type[Exception]:
     """The exception whose message the given server passes on to the client."""
-    if type(mcp).__module__.split(".")[0] == "fastmcp":
+    if any(cls.__module__.split(".")[0] == "fastmcp" for cls in type(mcp).__mro__):
         from fastmcp.exceptions import ToolError as StandaloneToolError
 
         return StandaloneToolError
@@ -218,7 +219,7 @@ HostName = Annotated[
         "(default: SESSION_BUDDY_REALTIME_HOST or localhost).",
         min_length=1,
         max_length=253,
-        pattern=r"^[A-Za-z0-9.:\[\]_-]+$",
+        pattern=f"^{HOST_PATTERN.pattern}$",
     ),
 ]
 Port = Annotated[

@@ -60,7 +60,7 @@ class Session:
 @asynccontextmanager
 async def mcp_session(server: Any) -> AsyncIterator[Session]:
     """Open a real client session to ``server`` in this process."""
-    if type(server).__module__.split(".")[0] == "fastmcp":
+    if any(cls.__module__.split(".")[0] == "fastmcp" for cls in type(server).__mro__):
         from fastmcp import Client as FastMCPClient
 
         async with FastMCPClient(server) as client:

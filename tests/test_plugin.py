@@ -301,3 +301,21 @@ def test_bad_settings_name_the_variable(name: str, value: str, says: str) -> Non
     assert f"SESSION_BUDDY_REALTIME_{name}" in str(caught.value)
     assert says in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+async def test_nested_lifespans_run_the_hooks_once(host_db: aiosqlite.Connection) -> None:
+    """A server that enters the lifespan per session still gets one startup and one shutdown."""
+    recorder = Recorder()
+    plugins = PluginHost(HostContext(), fresh_manager(recorder))
+    async with plugins.lifespan(host_db):
+        async with plugins.lifespan(host_db):
+            pass
+        assert recorder.calls == ["startup db=True"], "inner exit must not shut down"
+    assert recorder.calls == ["startup db=True", "shutdown"]
+
+
+def test_plugin_given_explicitly_is_not_loaded_twice() -> None:
+    """Registering this plugin by hand and loading entry points records no failure."""
+    manager, failures = create_plugin_manager(plugins=[plugin])
+    assert failures == []
+    assert manager.is_registered(plugin)

@@ -213,3 +213,25 @@ async def test_status_counts_messages_and_ticks(host_db: aiosqlite.Connection) -
         assert status["last_tick_at"] is not None
         assert status["last_tick_seconds"] is not None
         assert status["uptime_seconds"] > 0
+
+
+@pytest.mark.skipif("fastmcp" not in SERVER_KINDS, reason="needs the standalone FastMCP")
+async def test_errors_reach_clients_of_a_fastmcp_subclass_that_masks_details(
+    host_db: aiosqlite.Connection,
+) -> None:
+    """On a host's own FastMCP subclass with mask_error_details, the error text still arrives."""
+    from fastmcp import FastMCP
+
+    class HostServer(FastMCP):  # type: ignore[misc]
+        pass
+
+    HostServer.__module__ = "session_buddy.server"
+    server = HostServer("host", mask_error_details=True)
+    host = HostContext(db=host_db, settings={**LOOPBACK, "SESSION_BUDDY_REALTIME_AUTOSTART": "0"})
+    manager, _ = create_plugin_manager(load_entry_points=False, plugins=[plugin])
+    plugins = PluginHost(host, manager)
+    plugins.register_tools(server)
+    async with plugins.lifespan(host_db), mcp_session(server) as session:
+        result = await session.call("realtime_snapshot")
+    assert result.is_error
+    assert "realtime_start" in result.text
