@@ -7,15 +7,18 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from session_buddy_realtime._version import __version__
+from session_buddy_realtime.config import load_settings
 from session_buddy_realtime.demo import DEFAULT_DEMO_DB_PATH, DemoWriter, prepare_demo_database
-from session_buddy_realtime.errors import RealtimeError
+from session_buddy_realtime.errors import ConfigError, RealtimeError
 from session_buddy_realtime.mcp_host import run_stdio
+from session_buddy_realtime.security import RedactSecrets
 from session_buddy_realtime.server import DEFAULT_DB_PATH, RealTimeMetricsServer
 from session_buddy_realtime.watch import DEFAULT_URL, watch
 
@@ -38,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the WebSocket server",
         description="Run the realtime metrics server until Ctrl-C.",
     )
-    serve.add_argument("--host", default="localhost", help="address to listen on (localhost)")
-    serve.add_argument("--port", type=_port, default=8765, help="port, 0 for any free (8765)")
+    serve.add_argument(
+        "--host", default=None, help="address to listen on (SESSION_BUDDY_REALTIME_HOST, localhost)"
+    )
+    serve.add_argument(
+        "--port", type=_port, default=None, help="port, 0 for any free (_PORT, 8765)"
+    )
     serve.add_argument(
         "--db",
         type=Path,
@@ -47,7 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"skills database ({DEFAULT_DB_PATH}; with --demo {DEFAULT_DEMO_DB_PATH})",
     )
     serve.add_argument(
-        "--interval", type=_interval, default=1.0, help="seconds between updates (1.0)"
+        "--interval", type=_interval, default=None, help="seconds between updates (_INTERVAL, 1.0)"
+    )
+    security = serve.add_argument_group(
+        "security",
+        "Defaults come from SESSION_BUDDY_REALTIME_* variables; the token only from "
+        "SESSION_BUDDY_REALTIME_TOKEN or --token-file, never from the command line.",
+    )
+    security.add_argument(
+        "--token-file", type=Path, default=None, help="file whose first line is the shared token"
+    )
+    security.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain")
+    security.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    security.add_argument(
+        "--allow-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="browser origin allowed besides the server's own (repeatable; * for any)",
+    )
+    security.add_argument("--max-connections", type=_positive_int, default=None)
+    security.add_argument("--max-connections-per-ip", type=_positive_int, default=None)
+    security.add_argument(
+        "--message-rate", type=float, default=None, help="client messages per second (10)"
     )
     serve.add_argument(
         "--demo",
@@ -72,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     watch_cmd.add_argument("--json", action="store_true", help="print raw JSON, one per line")
     watch_cmd.add_argument(
         "--count", type=_positive_int, default=None, help="exit after N metrics updates"
+    )
+    watch_cmd.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file with the server's token (default: SESSION_BUDDY_REALTIME_TOKEN)",
+    )
+    watch_cmd.add_argument(
+        "--cafile", type=Path, default=None, help="CA certificate to trust for wss:// URLs"
     )
     mcp_cmd = commands.add_parser(
         "mcp",
@@ -103,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _configure_logging(args.log_level)
             asyncio.run(run_stdio(args.db))
             return 0
+        token = _token_from(args.token_file) or os.environ.get("SESSION_BUDDY_REALTIME_TOKEN")
         return asyncio.run(
             watch(
                 args.url,
@@ -110,10 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ping=args.ping,
                 as_json=args.json,
                 count=args.count,
+                token=token or None,
+                cafile=args.cafile,
                 out=sys.stdout,
                 err=sys.stderr,
             )
         )
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -122,15 +166,31 @@ async def _serve(args: argparse.Namespace) -> int:
     db_path: Path = args.db or (DEFAULT_DEMO_DB_PATH if args.demo else DEFAULT_DB_PATH)
     writer: DemoWriter | None = None
     try:
+        settings = load_settings(os.environ)
+        options = settings.server_options()
+        overrides = {
+            "token": _token_from(args.token_file),
+            "ssl_certfile": args.tls_cert,
+            "ssl_keyfile": args.tls_key,
+            "allowed_origins": args.allow_origin,
+            "max_connections": args.max_connections,
+            "max_connections_per_ip": args.max_connections_per_ip,
+            "message_rate": args.message_rate,
+        }
+        options.update({key: value for key, value in overrides.items() if value is not None})
+        server = RealTimeMetricsServer(
+            host=args.host or settings.host,
+            port=settings.port if args.port is None else args.port,
+            db_path=db_path,
+            update_interval=args.interval or settings.interval,
+            **options,
+        )
         if args.demo:
             if await prepare_demo_database(db_path):
                 logger.info("created demo database %s", db_path)
             writer = DemoWriter(db_path)
-        server = RealTimeMetricsServer(
-            host=args.host, port=args.port, db_path=db_path, update_interval=args.interval
-        )
         await server.start()
-    except (RealtimeError, ValueError) as exc:
+    except (RealtimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -165,12 +225,24 @@ async def _serve(args: argparse.Namespace) -> int:
     return 1 if writer_failed else 0
 
 
+def _token_from(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
     # Per-connection chatter of the WebSocket library only at debug level.
     if level != "debug":
         logging.getLogger("session_buddy_realtime.websockets").setLevel(logging.WARNING)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Final, TypeVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
 from session_buddy_realtime.errors import ConfigError
 
@@ -24,11 +25,7 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 # Named in the design for features that are not in this version: refusing them is safer
 # than accepting a token (say) and then not enforcing it.
-_NOT_YET: Final = {
-    "TOKEN": "authentication",
-    "ALLOWED_ORIGINS": "the Origin allow-list",
-    "REDIS_URL": "Redis scale-out",
-}
+_NOT_YET: Final = {"REDIS_URL": "Redis scale-out"}
 
 T = TypeVar("T")
 
@@ -47,6 +44,32 @@ class RealtimeSettings:
     """Auto-start tries this many consecutive ports when the first is taken (``_PORT_ATTEMPTS``)."""
     interval: float = 1.0
     """Seconds between updates (``_INTERVAL``)."""
+    token: str | None = field(default=None, repr=False)
+    """Shared secret clients must present (``_TOKEN``); None for no authentication."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed besides the server's own, comma-separated (``_ALLOWED_ORIGINS``)."""
+    tls_certfile: Path | None = None
+    """PEM certificate chain for ``wss://`` (``_TLS_CERTFILE``)."""
+    tls_keyfile: Path | None = None
+    """PEM private key, if not in the certificate file (``_TLS_KEYFILE``)."""
+    max_connections: int | None = None
+    """Open connections at most (``_MAX_CONNECTIONS``); None: 10,000 or the file limit."""
+    max_connections_per_ip: int = 1000
+    """Open connections from one address at most (``_MAX_CONNECTIONS_PER_IP``)."""
+    message_rate: float = 10.0
+    """Client messages per second, on average (``_MESSAGE_RATE``)."""
+
+    def server_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``RealTimeMetricsServer`` these settings give."""
+        return {
+            "token": self.token,
+            "allowed_origins": self.allowed_origins,
+            "ssl_certfile": self.tls_certfile,
+            "ssl_keyfile": self.tls_keyfile,
+            "max_connections": self.max_connections,
+            "max_connections_per_ip": self.max_connections_per_ip,
+            "message_rate": self.message_rate,
+        }
 
 
 def load_settings(environ: Mapping[str, str]) -> RealtimeSettings:
@@ -55,7 +78,20 @@ def load_settings(environ: Mapping[str, str]) -> RealtimeSettings:
     Raises:
         ConfigError: a value is invalid, or a variable is unknown; the message names it.
     """
-    known = {"AUTOSTART", "HOST", "PORT", "PORT_ATTEMPTS", "INTERVAL"}
+    known = {
+        "AUTOSTART",
+        "HOST",
+        "PORT",
+        "PORT_ATTEMPTS",
+        "INTERVAL",
+        "TOKEN",
+        "ALLOWED_ORIGINS",
+        "TLS_CERTFILE",
+        "TLS_KEYFILE",
+        "MAX_CONNECTIONS",
+        "MAX_CONNECTIONS_PER_IP",
+        "MESSAGE_RATE",
+    }
     for key in sorted(environ):
         if not key.startswith(PREFIX):
             continue
@@ -77,17 +113,34 @@ def load_settings(environ: Mapping[str, str]) -> RealtimeSettings:
         port=_read(environ, "PORT", _bounded_int(0, 65535), defaults.port),
         port_attempts=_read(environ, "PORT_ATTEMPTS", _bounded_int(1, 100), defaults.port_attempts),
         interval=_read(environ, "INTERVAL", _interval, defaults.interval),
+        token=_read(environ, "TOKEN", _token, None, secret=True),
+        allowed_origins=_read(environ, "ALLOWED_ORIGINS", _origins, ()),
+        tls_certfile=_read(environ, "TLS_CERTFILE", Path, None),
+        tls_keyfile=_read(environ, "TLS_KEYFILE", Path, None),
+        max_connections=_read(environ, "MAX_CONNECTIONS", _bounded_int(1, 1_000_000), None),
+        max_connections_per_ip=_read(
+            environ, "MAX_CONNECTIONS_PER_IP", _bounded_int(1, 1_000_000), 1000
+        ),
+        message_rate=_read(environ, "MESSAGE_RATE", _rate, defaults.message_rate),
     )
 
 
-def _read(environ: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
+def _read(
+    environ: Mapping[str, str],
+    name: str,
+    parse: Callable[[str], T],
+    default: T,
+    *,
+    secret: bool = False,
+) -> T:
     raw = environ.get(PREFIX + name)
     if raw is None or raw.strip() == "":
         return default
     try:
         return parse(raw.strip())
     except ValueError as exc:
-        raise ConfigError(f"{PREFIX}{name}={raw!r} is invalid: {exc}") from None
+        shown = "(value hidden)" if secret else repr(raw)
+        raise ConfigError(f"{PREFIX}{name}={shown} is invalid: {exc}") from None
 
 
 def _boolean(text: str) -> bool:
@@ -116,6 +169,30 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _token(text: str) -> str:
+    if len(text) < 8:
+        raise ValueError("use at least 8 characters (better: 32 random ones)")
+    return text
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"{origin!r} is not an origin like https://dashboard.example:3000")
+    return origins
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected messages per second") from None
+    if not math.isfinite(value) or not 0.1 <= value <= 10_000:
+        raise ValueError("expected messages per second from 0.1 to 10000")
+    return value
 
 
 def _interval(text: str) -> float:

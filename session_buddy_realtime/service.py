@@ -87,12 +87,13 @@ class RealtimeService:
             host = host or settings.host
             first = settings.port if port is None else port
             interval = settings.interval if interval is None else interval
+            options = settings.server_options()
             self._requested_port, self._note = first, None
             attempts = 1 if first == 0 else max(1, min(port_attempts, 65536 - first))
             taken: list[int] = []
             self._server = None
             for candidate in range(first, first + attempts):
-                server = self._make_server(host, candidate, interval)
+                server = self._make_server(host, candidate, interval, options)
                 try:
                     await server.start()
                 except PortInUseError:
@@ -120,11 +121,17 @@ class RealtimeService:
             logger.info("realtime server started on %s", ", ".join(self._server.urls))
             return self.status()
 
-    def _make_server(self, host: str, port: int, interval: float) -> RealTimeMetricsServer:
+    def _make_server(
+        self, host: str, port: int, interval: float, options: dict[str, Any]
+    ) -> RealTimeMetricsServer:
         if self.host.db is not None:
-            return RealTimeMetricsServer(host, port, update_interval=interval, db=self.host.db)
+            return RealTimeMetricsServer(
+                host, port, update_interval=interval, db=self.host.db, **options
+            )
         if self.host.db_path is not None:
-            return RealTimeMetricsServer(host, port, self.host.db_path, update_interval=interval)
+            return RealTimeMetricsServer(
+                host, port, self.host.db_path, update_interval=interval, **options
+            )
         raise DatabaseNotFoundError("the host has no skills database open and no path to one")
 
     async def stop(self) -> dict[str, Any]:
@@ -173,7 +180,9 @@ class RealtimeService:
                 settings = self.settings
             except ConfigError:
                 settings = RealtimeSettings()
-            status = RealTimeMetricsServer(port=0, update_interval=settings.interval).status()
+            status = RealTimeMetricsServer(
+                port=0, update_interval=settings.interval, **settings.server_options()
+            ).status()
             status.update(port=None, host=None)
             status["database"]["shared_connection"] = self.host.db is not None
         if status["last_error"] is None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from session_buddy_realtime.protocol import CloseCode
 
 __all__ = ["DEFAULT_URL", "render_message", "watch"]
 
@@ -27,6 +31,8 @@ async def watch(
     ping: bool = False,
     as_json: bool = False,
     count: int | None = None,
+    token: str | None = None,
+    cafile: Path | None = None,
     out: TextIO,
     err: TextIO,
 ) -> int:
@@ -34,14 +40,22 @@ async def watch(
 
     With ``ping``, measure one ping/pong round trip and return. With ``count``, stop
     after that many ``metrics_update`` messages. When an established connection drops
-    (for example the server restarts), reconnect with backoff.
+    (for example the server restarts), reconnect with backoff. ``token`` is sent as an
+    ``Authorization: Bearer`` header; ``cafile`` is trusted for ``wss://``.
     """
     received = 0
     attempt = 0
     ever_connected = False
     while True:
         try:
-            async with connect(url, open_timeout=5, close_timeout=1, max_size=2**22) as ws:
+            async with connect(
+                url,
+                open_timeout=5,
+                close_timeout=1,
+                max_size=2**22,
+                additional_headers={"Authorization": f"Bearer {token}"} if token else None,
+                ssl=ssl.create_default_context(cafile=cafile) if cafile else None,
+            ) as ws:
                 ever_connected, attempt = True, 0
                 if ping:
                     return await _ping(ws, as_json=as_json, out=out)
@@ -61,6 +75,11 @@ async def watch(
         except InvalidURI as exc:
             print(f"error: {exc}", file=err)
             return 2
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            hint = " (wrong or missing token?)" if status == 401 else ""
+            print(f"error: the server refused the connection: HTTP {status}{hint}", file=err)
+            return 1
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             if not ever_connected:
                 print(
@@ -73,6 +92,9 @@ async def watch(
         except ConnectionClosed as exc:
             close = exc.rcvd or exc.sent
             reason = _close_reason(*((close.code, close.reason) if close else (None, None)))
+            if close is not None and close.code == CloseCode.AUTH_FAILED:
+                print(f"error: {reason}", file=err)
+                return 1
         delay = _RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)]
         attempt += 1
         print(f"connection lost ({reason}); reconnecting in {delay:g}s", file=err, flush=True)

@@ -291,7 +291,10 @@ def test_settings_defaults_and_parsing() -> None:
         ("HOST", "two words", "host"),
         ("PORT_ATTEMPTS", "0", "1 to 100"),
         ("PROT", "8765", "unknown setting"),
-        ("TOKEN", "secret", "not supported"),
+        ("TOKEN", "secret", "at least 8"),
+        ("ALLOWED_ORIGINS", "evil.example", "not an origin"),
+        ("MESSAGE_RATE", "0", "0.1 to 10000"),
+        ("REDIS_URL", "redis://localhost", "not supported"),
     ],
 )
 def test_bad_settings_name_the_variable(name: str, value: str, says: str) -> None:
