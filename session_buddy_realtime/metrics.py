@@ -100,6 +100,8 @@ class SourceState(StrEnum):
     OK = "ok"
     MISSING_TABLES = "missing_tables"
     ERROR = "error"
+    BUSY = "busy"
+    """A read is taking longer than the tick allows (locked or slow database)."""
 
 
 @dataclass(slots=True)
@@ -388,6 +390,24 @@ class MetricsSource:
         else:
             logger.warning("%s (serving the last good data until it recovers)", message)
         self._state, self._message = state, message
+
+    def cached(
+        self, skills: Set[str], state: SourceState | None = None, message: str | None = None
+    ) -> MetricsSnapshot:
+        """The last good data without touching the database, optionally flagged ``state``."""
+        snapshot = self._snapshot(skills, self._clock())
+        if state is not None:
+            snapshot.state, snapshot.message = state, message
+        return snapshot
+
+    def unavailable(self, message: str) -> None:
+        """Mark the source in error for a reason found outside SQLite (file deleted)."""
+        self._set_state(SourceState.ERROR, message)
+
+    def use_connection(self, db: aiosqlite.Connection) -> None:
+        """Read through ``db`` from now on (the file was replaced); the next read refreshes."""
+        self._db = db
+        self._cache.token = None
 
     def _snapshot(self, skills: Set[str], now: float) -> MetricsSnapshot:
         cache = self._cache

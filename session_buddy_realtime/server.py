@@ -10,13 +10,14 @@ drains) and is closed when it stays that way for ``slow_client_timeout`` seconds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import math
 import resource
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +43,7 @@ from session_buddy_realtime.gate import (
     HandshakeGate,
     tracking_connection_class,
 )
-from session_buddy_realtime.metrics import MetricsSnapshot, MetricsSource
+from session_buddy_realtime.metrics import MetricsSnapshot, MetricsSource, SourceState
 from session_buddy_realtime.protocol import (
     Auth,
     CloseCode,
@@ -139,7 +140,10 @@ class _Running:
     gate: HandshakeGate
     started_at: float
     started_monotonic: float
+    db_identity: tuple[int, int] | None = None
     broadcaster: asyncio.Task[None] | None = None
+    read_task: asyncio.Task[MetricsSnapshot] | None = None
+    busy_since: float | None = None
     evictions: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -256,6 +260,8 @@ class RealTimeMetricsServer:
         self._max_connections_per_ip = max_connections_per_ip
         self._message_rate = message_rate
         self._message_burst = message_burst
+        # How long a tick waits for the database before sending the last good data.
+        self._read_deadline = max(0.5 * self.update_interval, 0.2)
         self._clients: dict[ServerConnection, ClientState] = {}
         self._counters = _Counters()
         self._running: _Running | None = None
@@ -366,6 +372,9 @@ class RealTimeMetricsServer:
                 started_at=time.time(),
                 started_monotonic=time.monotonic(),
             )
+            if owns_db:
+                with contextlib.suppress(OSError):
+                    running.db_identity = _file_identity(self.db_path)
             self._running = running
             if self.port == 0 and server.sockets:
                 self.port = server.sockets[0].getsockname()[1]
@@ -415,6 +424,9 @@ class RealTimeMetricsServer:
                 for connection in list(running.registry.connections):
                     connection.transport.abort()
                 await running.server.wait_closed()
+            if running.read_task is not None:
+                running.read_task.cancel()
+                await asyncio.gather(running.read_task, return_exceptions=True)
             if running.evictions:
                 await asyncio.gather(*running.evictions, return_exceptions=True)
             self._clients.clear()
@@ -431,7 +443,7 @@ class RealTimeMetricsServer:
                 f"skills database not found: {path} (check the path, or create a demo "
                 f"database with 'session-buddy-realtime serve --demo')"
             )
-        db = await aiosqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
+        db = await _connect_read_only(path)
         try:
             cursor = await db.execute("PRAGMA schema_version")
             await cursor.close()
@@ -607,7 +619,7 @@ class RealTimeMetricsServer:
         running = self._running
         if state is None or running is None or not self._may_use(state):
             return
-        snapshot = await running.source.read(frozenset() if skill is None else {skill})
+        snapshot = await self._read(running, frozenset() if skill is None else {skill})
         if self._clients.get(websocket) is not state:
             return
         timestamp = format_timestamp()
@@ -686,11 +698,75 @@ class RealTimeMetricsServer:
         if not groups:
             self._counters.idle_ticks += 1
             return
-        snapshot = await running.source.read({skill for skill in groups if skill is not None})
+        snapshot = await self._read(running, {skill for skill in groups if skill is not None})
         timestamp = format_timestamp()
         for skill, members in groups.items():
             frame = encode(_update(snapshot, skill, timestamp))
             self._deliver(running, skill, members, frame)
+
+    async def _read(self, running: _Running, skills: Set[str]) -> MetricsSnapshot:
+        """Read the database, but never wait longer than the tick allows.
+
+        At most one read is in flight: while one is still running (a writer holds a lock,
+        a query is slow), callers get the last good data flagged ``busy`` and the stream
+        keeps its cadence; the next call picks up the result once it is there.
+        """
+        if running.owns_db and not await self._check_database_file(running):
+            return running.source.cached(skills)
+        task = running.read_task
+        if task is None or task.done():
+            task = asyncio.create_task(running.source.read(skills))
+            running.read_task = task
+        done, _ = await asyncio.wait({task}, timeout=self._read_deadline)
+        if task.cancelled():  # dropped because the database file was replaced
+            return running.source.cached(skills)
+        if task in done:
+            if running.busy_since is not None:
+                logger.info("skills database answering again")
+                running.busy_since = None
+            return task.result()
+        if running.busy_since is None:
+            running.busy_since = time.monotonic()
+            logger.warning(
+                "skills database read is taking longer than %.2f s (locked or slow); "
+                "serving the last good data meanwhile",
+                self._read_deadline,
+            )
+        waited = time.monotonic() - running.busy_since
+        return running.source.cached(
+            skills,
+            SourceState.BUSY,
+            f"the database has not answered for {waited:.1f} s (locked by a writer, or a "
+            f"slow query); showing the last good data",
+        )
+
+    async def _check_database_file(self, running: _Running) -> bool:
+        """For a database the server opened: notice the file deleted or replaced.
+
+        Returns False while the file is missing. A replaced file (another inode) is
+        reopened, so the stream follows a database restored from backup or recreated.
+        """
+        path = self.db_path
+        try:
+            identity = _file_identity(path)
+        except OSError:
+            running.source.unavailable(f"the skills database file is gone: {path}")
+            return False
+        if identity == running.db_identity:
+            return True
+        logger.warning("skills database file %s was replaced; reopening it", path)
+        try:
+            db = await _connect_read_only(path)
+        except sqlite3.Error as exc:
+            running.source.unavailable(f"cannot reopen the replaced database {path}: {exc}")
+            return False
+        old, running.db, running.db_identity = running.db, db, identity
+        if running.read_task is not None and not running.read_task.done():
+            running.read_task.cancel()
+        running.read_task = None
+        running.source.use_connection(db)
+        await old.close()
+        return True
 
     def _deliver(
         self, running: _Running, skill: str | None, members: list[ClientState], frame: str
@@ -748,7 +824,7 @@ class RealTimeMetricsServer:
         if running is None:
             raise RealtimeError("the realtime server is not running; start it first")
         skill = validate_skill_name(skill)
-        snapshot = await running.source.read(frozenset() if skill is None else {skill})
+        snapshot = await self._read(running, frozenset() if skill is None else {skill})
         return _update(snapshot, skill, format_timestamp())
 
     def status(self) -> dict[str, Any]:
@@ -809,6 +885,16 @@ def _update(snapshot: MetricsSnapshot, skill: str | None, timestamp: str) -> dic
     return metrics_update_message(
         timestamp=timestamp, skill=skill, data=snapshot.data(skill), source=snapshot.source()
     )
+
+
+async def _connect_read_only(path: Path) -> aiosqlite.Connection:
+    uri = f"file:{quote(str(path.expanduser().resolve()))}?mode=ro"  # noqa: ASYNC240
+    return await aiosqlite.connect(uri, uri=True)
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return (info.st_dev, info.st_ino)
 
 
 def _websockets_logger() -> logging.Logger:

@@ -64,7 +64,7 @@ class DatabaseInfo(_Model):
 
     path: str | None
     shared_connection: bool = Field(description="True when reading the host's own connection.")
-    state: str | None = Field(description="ok, missing_tables or error; null when stopped.")
+    state: str | None = Field(description="ok, missing_tables, error or busy; null when stopped.")
     message: str | None
     queries: int
     refreshes: int
