@@ -107,6 +107,13 @@ def load_settings(environ: Mapping[str, str]) -> RealtimeSettings:
                 + ", ".join(PREFIX + k for k in sorted(known))
             )
     defaults = RealtimeSettings()
+    if (
+        environ.get(PREFIX + "TLS_KEYFILE", "").strip()
+        and not environ.get(PREFIX + "TLS_CERTFILE", "").strip()
+    ):
+        raise ConfigError(
+            f"{PREFIX}TLS_KEYFILE is set without {PREFIX}TLS_CERTFILE; set both, or neither"
+        )
     return RealtimeSettings(
         autostart=_read(environ, "AUTOSTART", _boolean, defaults.autostart),
         host=_read(environ, "HOST", _host, defaults.host),

@@ -133,7 +133,8 @@ class PluginHost:
         Args:
             db: The host's open database connection, stored in ``host.db`` first.
         """
-        if db is not None:
+        # The first entry's connection is the one plugins keep using.
+        if db is not None and self._entered == 0:
             self.host.db = db
         self._entered += 1
         try:

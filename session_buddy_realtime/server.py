@@ -17,6 +17,7 @@ import math
 import resource
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -95,6 +96,7 @@ class ClientState:
     messages_sent: int = 0
     updates_dropped: int = 0
     congested_since: float | None = None
+    closing_since: float | None = None
     rate_violations: int = 0
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -125,6 +127,7 @@ class _Counters:
     errors: int = 0
     auth_failures: int = 0
     rate_limited: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -260,8 +263,8 @@ class RealTimeMetricsServer:
         self._max_connections_per_ip = max_connections_per_ip
         self._message_rate = message_rate
         self._message_burst = message_burst
-        # How long a tick waits for the database before sending the last good data.
-        self._read_deadline = max(0.5 * self.update_interval, 0.2)
+        # How long a tick waits for a new read before sending the last good data.
+        self._read_deadline = 0.8 * self.update_interval
         self._clients: dict[ServerConnection, ClientState] = {}
         self._counters = _Counters()
         self._running: _Running | None = None
@@ -327,11 +330,12 @@ class RealTimeMetricsServer:
                 allowed_origins=set(self._allowed_origins),
                 check_host_header=self._check_host_header and is_loopback(self.host),
                 bound_host=self.host,
+                refused=Counter(),
             )
             try:
                 server = await serve(
                     self.client_handler,
-                    self.host,
+                    self.host.strip("[]"),
                     self.port,
                     compression=None,
                     max_size=self._max_message_size,
@@ -360,7 +364,7 @@ class RealTimeMetricsServer:
                 if owns_db:
                     await db.close()
                 raise
-            self._counters = _Counters()
+            self._counters = _Counters(refused=gate.refused)
             running = _Running(
                 server=server,
                 source=MetricsSource(db, detection=self._detection),
@@ -691,8 +695,11 @@ class RealTimeMetricsServer:
 
     async def _broadcast_tick(self, running: _Running) -> None:
         groups: dict[str | None, list[ClientState]] = {}
+        now = time.monotonic()
         for state in self._clients.values():
-            if state.subscribed:
+            if state.websocket.state is State.CLOSING:
+                self._drop_if_lingering(state, now)
+            elif state.subscribed:
                 groups.setdefault(state.skill, []).append(state)
         self._counters.ticks += 1
         if not groups:
@@ -717,7 +724,10 @@ class RealTimeMetricsServer:
         if task is None or task.done():
             task = asyncio.create_task(running.source.read(skills))
             running.read_task = task
-        done, _ = await asyncio.wait({task}, timeout=self._read_deadline)
+            done, _ = await asyncio.wait({task}, timeout=self._read_deadline)
+        else:
+            # A read still running from an earlier tick: do not wait for it again.
+            done = {task} if task.done() else set()
         if task.cancelled():  # dropped because the database file was replaced
             return running.source.cached(skills)
         if task in done:
@@ -744,7 +754,9 @@ class RealTimeMetricsServer:
         """For a database the server opened: notice the file deleted or replaced.
 
         Returns False while the file is missing. A replaced file (another inode) is
-        reopened, so the stream follows a database restored from backup or recreated.
+        reopened, so the stream follows a database recreated or restored from a backup
+        (restore with SQLite's backup API, or remove the old ``-wal``/``-shm`` files first:
+        SQLite would otherwise apply the old write-ahead log to the new file).
         """
         path = self.db_path
         try:
@@ -767,6 +779,14 @@ class RealTimeMetricsServer:
         running.source.use_connection(db)
         await old.close()
         return True
+
+    def _drop_if_lingering(self, client: ClientState, now: float) -> None:
+        # After a close the library starts itself (1009 for an oversized frame) it waits
+        # for the peer's close frame without a deadline; enforce close_timeout here.
+        if client.closing_since is None:
+            client.closing_since = now
+        elif now - client.closing_since >= self._close_timeout:
+            client.websocket.transport.abort()
 
     def _deliver(
         self, running: _Running, skill: str | None, members: list[ClientState], frame: str
@@ -858,7 +878,7 @@ class RealTimeMetricsServer:
             "tls_enabled": self._ssl_certfile is not None,
             "auth_failures": counters.auth_failures,
             "rate_limited": counters.rate_limited,
-            "refused": {} if running is None else dict(running.gate.refused),
+            "refused": dict(counters.refused),
             "database": {
                 "path": None if self._external_db is not None else str(self.db_path),
                 "shared_connection": self._external_db is not None,
@@ -872,9 +892,13 @@ class RealTimeMetricsServer:
             status["started_at"] = format_timestamp(datetime.fromtimestamp(running.started_at, UTC))
             status["uptime_seconds"] = round(now - running.started_monotonic, 3)
             source = running.source
+            busy = running.busy_since is not None
             status["database"].update(
-                state=source.state.value,
-                message=source.message,
+                state=SourceState.BUSY.value if busy else source.state.value,
+                message="a read has been running for "
+                f"{time.monotonic() - (running.busy_since or 0):.1f} s (lock or slow query)"
+                if busy
+                else source.message,
                 queries=source.queries,
                 refreshes=source.refreshes,
             )

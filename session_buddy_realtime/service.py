@@ -178,12 +178,14 @@ class RealtimeService:
             # Never started: the shape of a stopped server's status, with nothing counted.
             try:
                 settings = self.settings
-            except ConfigError:
-                settings = RealtimeSettings()
-            status = RealTimeMetricsServer(
-                port=0, update_interval=settings.interval, **settings.server_options()
-            ).status()
+                shape = RealTimeMetricsServer(
+                    port=0, update_interval=settings.interval, **settings.server_options()
+                )
+            except ValueError:  # a bad setting (ConfigError is one); shown in last_error
+                shape = RealTimeMetricsServer(port=0)
+            status = shape.status()
             status.update(port=None, host=None)
+            status["database"]["path"] = None
             status["database"]["shared_connection"] = self.host.db is not None
         if status["last_error"] is None:
             status["last_error"] = self._last_error
