@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 from urllib.parse import quote
 
 import aiosqlite
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from session_buddy_realtime._version import __version__
@@ -80,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DB_PATH: Final = Path(".session-buddy/skills.db")
 _SLOW_CLIENT_REASON: Final = "too slow: updates were not being read"
+_PING_BUFFER_LIMIT: Final = 8 * 1024
 
 
 @dataclass(eq=False, slots=True)
@@ -98,6 +100,9 @@ class ClientState:
     congested_since: float | None = None
     closing_since: float | None = None
     rate_violations: int = 0
+    ping_due: float = 0.0
+    pong_waiter: asyncio.Future[float] | None = None
+    ping_sent_at: float = 0.0
 
     def describe(self, now: float) -> dict[str, Any]:
         """Return this client as shown in ``status()``."""
@@ -145,6 +150,7 @@ class _Running:
     started_monotonic: float
     db_identity: tuple[int, int] | None = None
     broadcaster: asyncio.Task[None] | None = None
+    keepalive: asyncio.Task[None] | None = None
     read_task: asyncio.Task[MetricsSnapshot] | None = None
     busy_since: float | None = None
     evictions: set[asyncio.Task[None]] = field(default_factory=set)
@@ -341,8 +347,9 @@ class RealTimeMetricsServer:
                     max_size=self._max_message_size,
                     max_queue=16,
                     open_timeout=self._open_timeout,
-                    ping_interval=self._ping_interval,
-                    ping_timeout=self._ping_timeout,
+                    # One server-wide keepalive task (below) replaces the library's task
+                    # per connection: less memory per client, pings spread over time.
+                    ping_interval=None,
                     close_timeout=self._close_timeout,
                     create_connection=tracking_connection_class(registry),
                     process_request=gate,
@@ -387,6 +394,10 @@ class RealTimeMetricsServer:
             running.broadcaster = asyncio.create_task(
                 self.broadcast_metrics(), name="session-buddy-realtime broadcaster"
             )
+            if self._ping_interval is not None:
+                running.keepalive = asyncio.create_task(
+                    self._keepalive(running), name="session-buddy-realtime keepalive"
+                )
             logger.info("listening on %s", ", ".join(self.urls))
             if not is_loopback(self.host) and self._token is None and ssl_context is None:
                 logger.warning(
@@ -407,9 +418,10 @@ class RealTimeMetricsServer:
             if running is None:
                 return
             running.stopping.set()
-            if running.broadcaster is not None:
-                running.broadcaster.cancel()
-                await asyncio.gather(running.broadcaster, return_exceptions=True)
+            for task in (running.broadcaster, running.keepalive):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             # Connections still in the handshake, and clients so far behind that a close
             # frame would wait behind their backlog, are dropped at once; the rest get 1001.
             for connection in list(running.registry.connections):
@@ -708,7 +720,7 @@ class RealTimeMetricsServer:
         snapshot = await self._read(running, {skill for skill in groups if skill is not None})
         timestamp = format_timestamp()
         for skill, members in groups.items():
-            frame = encode(_update(snapshot, skill, timestamp))
+            frame = _text_frame(encode(_update(snapshot, skill, timestamp)))
             self._deliver(running, skill, members, frame)
 
     async def _read(self, running: _Running, skills: Set[str]) -> MetricsSnapshot:
@@ -780,6 +792,61 @@ class RealTimeMetricsServer:
         await old.close()
         return True
 
+    async def _keepalive(self, running: _Running) -> None:
+        """Ping every client each ``ping_interval``; close with 1011 one that stays silent.
+
+        One task for all connections. Each client's pings are due ``ping_interval`` after
+        it connected and after each pong, so pings spread out instead of arriving in bursts.
+        Clients too far behind to read a ping are left to the slow-client rule.
+        """
+        assert self._ping_interval is not None
+        interval = self._ping_interval
+        step = min(1.0, interval / 4)
+        while not running.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(step):
+                    await running.stopping.wait()
+            now = time.monotonic()
+            for client in list(self._clients.values()):
+                try:
+                    await self._keepalive_one(running, client, now, interval)
+                except ConnectionClosed:
+                    continue
+                except Exception as exc:  # one connection's trouble must not end keepalive
+                    self._record_error(f"keepalive: {exc!r}")
+                    logger.exception("keepalive failed for %s", client.remote)
+
+    async def _keepalive_one(
+        self, running: _Running, client: ClientState, now: float, interval: float
+    ) -> None:
+        websocket = client.websocket
+        if websocket.protocol.state is not State.OPEN:
+            return
+        waiter = client.pong_waiter
+        if waiter is not None:
+            if not waiter.done():
+                if self._ping_timeout is not None and (
+                    now - client.ping_sent_at > self._ping_timeout
+                ):
+                    client.pong_waiter = None
+                    self._close_later(
+                        running, websocket, CloseCode.INTERNAL_ERROR, "keepalive ping timeout"
+                    )
+                return
+            client.pong_waiter = None
+            client.ping_due = now + interval
+        if client.ping_due == 0.0:
+            client.ping_due = client.connected_at + interval
+        if now < client.ping_due:
+            return
+        # ping() waits for the buffer to drain once it passed the library's high-water
+        # mark; below its low-water mark (a quarter of 32 KiB) it never waits.
+        if websocket.transport.get_write_buffer_size() > _PING_BUFFER_LIMIT:
+            return
+        waiter = cast("asyncio.Future[float]", await websocket.ping())
+        waiter.add_done_callback(_retrieve)
+        client.pong_waiter, client.ping_sent_at = waiter, now
+
     def _drop_if_lingering(self, client: ClientState, now: float) -> None:
         # After a close the library starts itself (1009 for an oversized frame) it waits
         # for the peer's close frame without a deadline; enforce close_timeout here.
@@ -789,18 +856,28 @@ class RealTimeMetricsServer:
             client.websocket.transport.abort()
 
     def _deliver(
-        self, running: _Running, skill: str | None, members: list[ClientState], frame: str
+        self, running: _Running, skill: str | None, members: list[ClientState], frame: bytes
     ) -> None:
+        """Write one serialized frame to every member that keeps up, without awaiting.
+
+        ``frame`` is a complete WebSocket frame, built once for all. Writing it to the
+        transport is what the library's ``broadcast`` does for each connection after
+        serializing the same frame again; server frames are unmasked and, with compression
+        off, no extension alters them, so the bytes are identical. Each write is one whole
+        frame, so it never interleaves with the library's own (pings, replies, close).
+        """
         now = time.monotonic()
-        ready: list[ServerConnection] = []
+        limit = self._max_buffered_bytes
+        sent = 0
         for client in members:
             websocket = client.websocket
             # Skip whoever left or changed subscription while the tick read the database.
             if not client.subscribed or client.skill != skill:
                 continue
-            if websocket.state is not State.OPEN:
+            if websocket.protocol.state is not State.OPEN:
                 continue
-            if websocket.transport.get_write_buffer_size() > self._max_buffered_bytes:
+            transport = websocket.transport
+            if transport.get_write_buffer_size() > limit:
                 client.updates_dropped += 1
                 self._counters.updates_dropped += 1
                 if client.congested_since is None:
@@ -810,25 +887,34 @@ class RealTimeMetricsServer:
                 continue
             client.congested_since = None
             client.messages_sent += 1
-            ready.append(websocket)
-        broadcast(ready, frame)
-        self._counters.messages_sent += len(ready)
+            transport.write(frame)
+            sent += 1
+        self._counters.messages_sent += sent
 
     def _evict(self, running: _Running, client: ClientState) -> None:
         if self._clients.pop(client.websocket, None) is None:
             return
         self._counters.clients_evicted += 1
         logger.warning("closing client %s: %s", client.remote, _SLOW_CLIENT_REASON)
-        task = asyncio.create_task(self._close_within_timeout(client.websocket))
+        self._close_later(
+            running, client.websocket, CloseCode.POLICY_VIOLATION, _SLOW_CLIENT_REASON
+        )
+
+    def _close_later(
+        self, running: _Running, websocket: ServerConnection, code: int, reason: str
+    ) -> None:
+        task = asyncio.create_task(self._close_within_timeout(websocket, code, reason))
         running.evictions.add(task)
         task.add_done_callback(running.evictions.discard)
 
-    async def _close_within_timeout(self, websocket: ServerConnection) -> None:
+    async def _close_within_timeout(
+        self, websocket: ServerConnection, code: int, reason: str
+    ) -> None:
         # close() waits for the write buffer to drain, which a stuck client never lets
         # happen: give it close_timeout, then drop the TCP connection.
         try:
             async with asyncio.timeout(self._close_timeout):
-                await websocket.close(CloseCode.POLICY_VIOLATION, _SLOW_CLIENT_REASON)
+                await websocket.close(code, reason)
         except TimeoutError:
             websocket.transport.abort()
 
@@ -919,6 +1005,18 @@ async def _connect_read_only(path: Path) -> aiosqlite.Connection:
 def _file_identity(path: Path) -> tuple[int, int]:
     info = path.stat()
     return (info.st_dev, info.st_ino)
+
+
+def _retrieve(future: asyncio.Future[float]) -> None:
+    # A pong that never comes ends with ConnectionClosed; read it so asyncio does not
+    # report it as never retrieved.
+    if not future.cancelled():
+        future.exception()
+
+
+def _text_frame(text: str) -> bytes:
+    """One unmasked, unfragmented text frame, as the server side sends it."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
 
 
 def _websockets_logger() -> logging.Logger:

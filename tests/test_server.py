@@ -631,3 +631,37 @@ def test_bad_settings_fail_at_construction_naming_the_setting(
     """An impossible setting raises ValueError that names it."""
     with pytest.raises(ValueError, match=setting):
         RealTimeMetricsServer(**kwargs)
+
+
+async def _silent_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that completes the handshake and then never reads (so never answers pings)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 40 * UNIT)
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def test_keepalive_closes_a_silent_peer_and_keeps_a_live_one(
+    start_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """One keepalive task pings every client: a peer that never answers is closed with 1011
+    after ping_interval + ping_timeout, while a client that answers stays connected."""
+    server = await start_server(update_interval=60.0, ping_interval=0.2, ping_timeout=0.2)
+    live = await open_client(url_of(server))
+    reader, writer = await _silent_client(server.port)
+    try:
+        await wait_until(lambda: server.status()["client_count"] == 1, timeout=80 * UNIT)
+        data = await asyncio.wait_for(reader.read(), 40 * UNIT)  # until the server hangs up
+        close = data[data.rfind(b"\x88") :]
+        assert int.from_bytes(close[2:4], "big") == 1011
+        assert b"keepalive ping timeout" in close
+        await live.send_json({"type": "ping"})
+        await live.recv_type("pong")
+        [described] = server.status()["clients"]
+        assert described["messages_sent"] >= 2
+    finally:
+        writer.close()

@@ -1,0 +1,785 @@
+"""Fan-out benchmark: our server against a naive baseline and a floor probe, same swarm.
+
+Run (the full table, a few minutes on 2 cores)::
+
+    .venv/bin/python tests/benchmarks/fanout.py
+
+or ``--sizes 100,1000 --rounds 1`` for a quick look, ``--smoke`` for the CI check.
+
+Three servers, each in its own process, fed by the same demo database:
+
+* ``ours``: ``RealTimeMetricsServer`` with its defaults.
+* ``baseline``: the usual shape of this server: websockets with its default compression, a
+  loop that queries the database every interval, ``json.dumps`` per client and ``await
+  ws.send()`` one client after the other, then ``sleep(interval)``.
+* ``floor``: the cheapest possible sender: a bare asyncio server that completes the
+  handshake and, each tick, writes one prebuilt frame to every socket. It bounds what any
+  Python fan-out can cost on this machine.
+
+The client swarm runs in another process: minimal WebSocket clients on raw asyncio
+protocols (they offer permessage-deflate as browsers do, answer pings and closes, and
+timestamp every update). Runs are interleaved (baseline, ours, floor for each size and
+round); the report gives medians over rounds and ratios, then each goal with "pass" or
+"short". Nothing here decides pass or fail by itself: the numbers do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import resource
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _raise_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _timestamp() -> str:
+    moment = datetime.now(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# The three servers, each run as ``fanout.py _server KIND PORT DB INTERVAL``.
+
+
+class TickLog:
+    """Durations of the broadcasts a server made (to report time per broadcast)."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+
+    def timed(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return await function(*args, **kwargs)
+            finally:
+                self.durations.append(time.perf_counter() - began)
+
+        return wrapper
+
+
+async def _serve_ours(port: int, db: Path, interval: float, ticks: TickLog) -> Any:
+    from session_buddy_realtime import RealTimeMetricsServer
+
+    original = RealTimeMetricsServer._broadcast_tick  # noqa: SLF001 - timing only
+
+    async def timed_tick(self: Any, running: Any) -> None:
+        if self._clients:  # noqa: SLF001 - count only ticks that had listeners
+            await ticks.timed(original)(self, running)
+        else:
+            await original(self, running)
+
+    RealTimeMetricsServer._broadcast_tick = timed_tick  # type: ignore[method-assign]  # noqa: SLF001
+    server = RealTimeMetricsServer(
+        "127.0.0.1", port, db, update_interval=interval, max_connections_per_ip=100_000
+    )
+    await server.start()
+    return server
+
+
+class _Baseline:
+    """The naive design, on purpose: per-client encoding, sequential awaited sends."""
+
+    def __init__(self, db: Path, interval: float, ticks: TickLog) -> None:
+        self.db, self.interval, self.ticks = db, interval, ticks
+        self.clients: set[Any] = set()
+        self.server: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.queries = 0
+
+    async def start(self, port: int) -> None:
+        from websockets.asyncio.server import serve
+
+        self.server = await serve(self.handler, "127.0.0.1", port)  # defaults: deflate on
+        self.task = asyncio.create_task(self.loop())
+
+    async def handler(self, ws: Any) -> None:
+        self.clients.add(ws)
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            self.clients.discard(ws)
+
+    async def loop(self) -> None:
+        import aiosqlite
+
+        async with aiosqlite.connect(self.db) as db:
+            while True:
+                if self.clients:
+                    await self.ticks.timed(self.broadcast)(db)
+                await asyncio.sleep(self.interval)
+
+    async def broadcast(self, db: Any) -> None:
+        cursor = await db.execute(
+            "SELECT skill_name, total_invocations, completion_rate, avg_duration_seconds "
+            "FROM skill_metrics ORDER BY total_invocations DESC LIMIT 10"
+        )
+        top = [
+            {
+                "skill_name": r[0],
+                "total_invocations": r[1],
+                "completion_rate": r[2],
+                "avg_duration_seconds": r[3],
+            }
+            for r in await cursor.fetchall()
+        ]
+        cursor = await db.execute(
+            "SELECT skill_name, detected_at, anomaly_type, deviation_score FROM skill_anomalies "
+            "WHERE resolved_at IS NULL AND julianday(detected_at) >= julianday('now', '-1 hour')"
+        )
+        anomalies = [
+            {"skill_name": r[0], "detected_at": r[1], "anomaly_type": r[2], "deviation_score": r[3]}
+            for r in await cursor.fetchall()
+        ]
+        self.queries += 2
+        message = {
+            "type": "metrics_update",
+            "timestamp": _timestamp(),
+            "data": {"top_skills": top, "anomalies": anomalies},
+        }
+        for ws in list(self.clients):
+            with contextlib.suppress(Exception):
+                await ws.send(json.dumps(message))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class _Floor:
+    """One prebuilt frame written to raw sockets: the machine's limit for a fan-out."""
+
+    def __init__(self, payload: dict[str, Any], interval: float, ticks: TickLog) -> None:
+        self.payload, self.interval, self.ticks = payload, interval, ticks
+        self.transports: set[asyncio.Transport] = set()
+        self.server: asyncio.Server | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, port: int) -> None:
+        floor = self
+
+        class Handshake(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+                self.buffer = b""
+                self.open = False
+
+            def data_received(self, data: bytes) -> None:
+                if self.open:
+                    if data[:1] and data[0] & 0x0F == 0x8:  # close
+                        self.transport.close()
+                    return
+                self.buffer += data
+                if b"\r\n\r\n" not in self.buffer:
+                    return
+                key = b""
+                for line in self.buffer.split(b"\r\n"):
+                    if line.lower().startswith(b"sec-websocket-key:"):
+                        key = line.split(b":", 1)[1].strip()
+                accept = base64.b64encode(hashlib.sha1(key + GUID).digest())  # noqa: S324
+                self.transport.write(  # type: ignore[attr-defined]
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                )
+                self.open = True
+                floor.transports.add(self.transport)  # type: ignore[arg-type]
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                floor.transports.discard(self.transport)  # type: ignore[arg-type]
+
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(Handshake, "127.0.0.1", port)
+        self.task = asyncio.create_task(self.loop())
+
+    async def loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        while True:
+            if self.transports:
+                began = time.perf_counter()
+                body = json.dumps({**self.payload, "timestamp": _timestamp()}).encode()
+                frame = _frame_header(len(body)) + body
+                for transport in self.transports:
+                    transport.write(frame)
+                self.ticks.durations.append(time.perf_counter() - began)
+            next_tick += self.interval
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        for transport in list(self.transports):
+            transport.write(b"\x88\x02\x03\xe9")  # close 1001
+            transport.close()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def _frame_header(length: int, opcode: int = 0x1, mask: bool = False) -> bytes:
+    first = 0x80 | opcode
+    mask_bit = 0x80 if mask else 0
+    if length < 126:
+        return struct.pack("!BB", first, mask_bit | length)
+    if length < 65536:
+        return struct.pack("!BBH", first, mask_bit | 126, length)
+    return struct.pack("!BBQ", first, mask_bit | 127, length)
+
+
+async def _server_main(kind: str, port: int, db: Path, interval: float) -> None:
+    _raise_file_limit()
+    # The baseline's library logs a traceback per client it drops; the table is the output.
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)
+    ticks = TickLog()
+    stopper: Callable[[], Any]
+    status: Callable[[], dict[str, Any]]
+    if kind == "ours":
+        server = await _serve_ours(port, db, interval, ticks)
+        port = server.port
+        stopper = server.stop
+
+        def status() -> dict[str, Any]:
+            return {"queries": server.status()["database"]["queries"]}
+    elif kind == "baseline":
+        baseline = _Baseline(db, interval, ticks)
+        await baseline.start(port)
+        port = baseline.server.sockets[0].getsockname()[1]
+        stopper = baseline.stop
+
+        def status() -> dict[str, Any]:
+            return {"queries": baseline.queries}
+    else:
+        from session_buddy_realtime import RealTimeMetricsServer
+
+        async with RealTimeMetricsServer("127.0.0.1", 0, db) as probe:
+            payload = await probe.snapshot()
+        floor = _Floor(payload, interval, ticks)
+        await floor.start(port)
+        assert floor.server is not None
+        port = floor.server.sockets[0].getsockname()[1]
+        stopper = floor.stop
+
+        def status() -> dict[str, Any]:
+            return {"queries": 0}
+
+    print(json.dumps({"port": port}), flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        command = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+        if command == "stats":
+            print(
+                json.dumps(
+                    {
+                        "cpu": _cpu_seconds(),
+                        "rss": _rss_bytes(),
+                        "ticks": list(ticks.durations),
+                        **status(),
+                    }
+                ),
+                flush=True,
+            )
+        elif command == "stop" or not command:
+            began = time.perf_counter()
+            await stopper()
+            print(json.dumps({"stop_ms": (time.perf_counter() - began) * 1000}), flush=True)
+            return
+
+
+# The swarm, run as ``fanout.py _swarm PORT CLIENTS WINDOW STUCK``.
+
+
+class SwarmClient(asyncio.Protocol):
+    """A minimal WebSocket client: handshake, frames, pings, closes, timestamps."""
+
+    def __init__(self, swarm: Swarm, *, stuck: bool = False) -> None:
+        self.swarm, self.stuck = swarm, stuck
+        self.buffer = bytearray()
+        self.open = False
+        self.inflater: Any = None
+        self.arrivals: list[float] = []
+        self.latencies: list[float] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16))
+        self.transport.write(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.open:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).lower()
+            del self.buffer[: end + 4]
+            if b" 101 " not in head.split(b"\r\n", 1)[0]:
+                self.transport.close()
+                return
+            self.open = True
+            if b"permessage-deflate" in head:
+                self.inflater = zlib.decompressobj(-15)
+            self.swarm.connected += 1
+            if self.stuck:  # from now on it reads nothing: its backlog grows on the server
+                self.transport.pause_reading()
+                return
+        while self._frame():
+            pass
+
+    def _frame(self) -> bool:
+        buffer = self.buffer
+        if len(buffer) < 2:
+            return False
+        first, second = buffer[0], buffer[1] & 0x7F
+        offset = 2
+        if second == 126:
+            if len(buffer) < 4:
+                return False
+            second = struct.unpack_from("!H", buffer, 2)[0]
+            offset = 4
+        elif second == 127:
+            if len(buffer) < 10:
+                return False
+            second = struct.unpack_from("!Q", buffer, 2)[0]
+            offset = 10
+        if len(buffer) < offset + second:
+            return False
+        payload = bytes(buffer[offset : offset + second])
+        del buffer[: offset + second]
+        opcode = first & 0x0F
+        if opcode == 0x1:
+            received = time.time()
+            if first & 0x40 and self.inflater is not None:
+                payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
+            if self.swarm.measuring:
+                self.arrivals.append(time.monotonic())
+                at = payload.find(b'"timestamp"')
+                if at >= 0:
+                    start = payload.index(b'"', payload.index(b":", at) + 1) + 1
+                    stamp = payload[start : start + 24].decode()
+                    sent = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+                    self.latencies.append(received - sent)
+        elif opcode == 0x9:
+            self._send(0xA, payload)
+        elif opcode == 0x8:
+            self._send(0x8, payload[:2])
+            self.transport.close()
+        return True
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.transport.write(_frame_header(len(payload), opcode, mask=True) + mask + masked)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.swarm.closed += 1
+
+
+class Swarm:
+    def __init__(self) -> None:
+        self.connected = 0
+        self.closed = 0
+        self.measuring = False
+        self.clients: list[SwarmClient] = []
+
+
+async def _swarm_main(port: int, count: int, window: float, stuck: int) -> None:
+    _raise_file_limit()
+    swarm = Swarm()
+    loop = asyncio.get_running_loop()
+    for index in range(count + stuck):
+        client = SwarmClient(swarm, stuck=index >= count)
+        swarm.clients.append(client)
+        sock = None
+        if client.stuck:
+            import socket
+
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.create_connection(lambda c=client: c, sock=sock)
+        else:
+            await loop.create_connection(lambda c=client: c, "127.0.0.1", port)
+        if index % 500 == 499:
+            await asyncio.sleep(0)
+    deadline = time.monotonic() + 120
+    while swarm.connected < count + stuck and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    print(json.dumps({"connected": swarm.connected}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "measure"
+    swarm.measuring = True
+    began = time.monotonic()
+    await asyncio.sleep(window)
+    swarm.measuring = False
+    healthy = [c for c in swarm.clients if not c.stuck]
+    gaps = [b - a for c in healthy for a, b in zip(c.arrivals, c.arrivals[1:], strict=False)]
+    latencies = sorted(x for c in healthy for x in c.latencies)
+    counts = [len(c.arrivals) for c in healthy]
+    print(
+        json.dumps(
+            {
+                "window": time.monotonic() - began,
+                "updates": sum(counts),
+                "min_updates": min(counts) if counts else 0,
+                "latency_p50": _quantile(latencies, 0.5),
+                "latency_p99": _quantile(latencies, 0.99),
+                "gap_max": max(gaps) if gaps else None,
+                "gap_p99": _quantile(sorted(gaps), 0.99),
+            }
+        ),
+        flush=True,
+    )
+    await loop.run_in_executor(None, sys.stdin.readline)  # "quit"
+    for client in swarm.clients:
+        client.transport.abort()
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# The orchestrator.
+
+
+class Process:
+    """A child process speaking one JSON object per line."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, str(HERE), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def read(self) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        line = self.popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"child {self.popen.args} ended early")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def send(self, command: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(command + "\n")
+        self.popen.stdin.flush()
+
+    def ask(self, command: str) -> dict[str, Any]:
+        self.send(command)
+        return self.read()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.popen.kill()
+        self.popen.wait()
+
+
+def measure(
+    kind: str, db: Path, clients: int, interval: float, window: float, stuck: int = 0
+) -> dict[str, Any]:
+    """One run: start the server, connect the swarm, measure a window, stop."""
+    server = Process("_server", kind, "0", str(db), str(interval))
+    swarm: Process | None = None
+    try:
+        port = server.read()["port"]
+        time.sleep(2 * interval)
+        idle = server.ask("stats")
+        swarm = Process("_swarm", str(port), str(clients), str(window), str(stuck))
+        connected = swarm.read()["connected"]
+        # Settle; with a stuck client, give its backlog time to fill the kernel's buffers
+        # (about 10 MB at 11 KB x 50 ticks a second) so that the window sees its effect.
+        time.sleep(2 * interval if not stuck else (20.0 if interval < 0.1 else 4.0))
+        before = server.ask("stats")
+        wall = time.monotonic()
+        swarm.send("measure")
+        result = swarm.read()
+        after = server.ask("stats")
+        wall = time.monotonic() - wall
+        stop = server.ask("stop")
+        swarm.send("quit")
+        ticks = after["ticks"][len(before["ticks"]) :]
+        cpu = after["cpu"] - before["cpu"]
+        return {
+            "kind": kind,
+            "clients": clients,
+            "connected": connected,
+            "cpu_percent": 100 * cpu / wall,
+            "cpu_per_tick_ms": 1000 * cpu / max(len(ticks), 1),
+            "broadcast_ms": 1000 * statistics.median(ticks) if ticks else None,
+            "latency_p50_ms": _ms(result["latency_p50"]),
+            "latency_p99_ms": _ms(result["latency_p99"]),
+            "gap_max_ms": _ms(result["gap_max"]),
+            "kib_per_connection": (before["rss"] - idle["rss"]) / 1024 / max(clients, 1),
+            "held": result["min_updates"] >= int(window / interval) - 1,
+            "stop_ms": stop["stop_ms"],
+            "idle_cpu_percent": None,
+            "idle_queries": idle["queries"],
+        }
+    finally:
+        server.close()
+        if swarm is not None:
+            swarm.close()
+
+
+def measure_idle(kind: str, db: Path, interval: float, window: float) -> dict[str, Any]:
+    """A server with no client: CPU and queries over a window."""
+    server = Process("_server", kind, "0", str(db), str(interval))
+    try:
+        server.read()
+        time.sleep(interval)
+        before = server.ask("stats")
+        time.sleep(window)
+        after = server.ask("stats")
+        server.ask("stop")
+        return {
+            "idle_cpu_percent": 100 * (after["cpu"] - before["cpu"]) / window,
+            "idle_queries": after["queries"],
+        }
+    finally:
+        server.close()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def _demo_db(directory: Path, anomalies: int) -> Path:
+    from session_buddy_realtime.demo import prepare_demo_database
+
+    path = directory / f"demo-{anomalies}.db"
+    asyncio.run(prepare_demo_database(path))
+    now = datetime.now(UTC)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executemany(
+            "INSERT INTO skill_anomalies (skill_name, detected_at, anomaly_type, baseline_value, "
+            "observed_value, deviation_score) VALUES (?, ?, 'drop', 90, 40, ?)",
+            [
+                (f"skill-{i}", (now - timedelta(minutes=i % 55)).isoformat(), 3.0)
+                for i in range(anomalies)
+            ],
+        )
+        conn.commit()
+    return path
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100,1000,10000")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--ticks", type=int, default=8, help="ticks measured per run")
+    parser.add_argument("--kinds", default="baseline,ours,floor", help="servers to measure")
+    parser.add_argument("--smoke", action="store_true", help="N=50, one round, short windows")
+    args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.rounds, args.interval, args.ticks = "50", 1, 0.2, 4
+    sizes = [int(s) for s in args.sizes.split(",")]
+    window = args.ticks * args.interval
+    _raise_file_limit()
+    with tempfile.TemporaryDirectory() as tmp:
+        db = _demo_db(Path(tmp), anomalies=5)
+        rows: list[dict[str, Any]] = []
+        for size in sizes:
+            for _ in range(args.rounds):
+                for kind in args.kinds.split(","):
+                    row = measure(kind, db, size, args.interval, window)
+                    rows.append(row)
+                    print(
+                        f"  measured {kind:8} N={size:<6} cpu/tick {row['cpu_per_tick_ms']:.1f} ms "
+                        f"p99 {_fmt(row['latency_p99_ms'])} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        idle = {
+            kind: measure_idle(kind, db, args.interval, window) for kind in ("ours", "baseline")
+        }
+        stall_db = _demo_db(Path(tmp), anomalies=50)
+        stall_interval, stall_window = (0.2, 2.0) if args.smoke else (0.02, 5.0)
+        stall: dict[tuple[str, int], dict[str, Any]] = {}
+        for kind in ("baseline", "ours"):
+            for stuck in (0, 1):
+                stall[kind, stuck] = measure(
+                    kind,
+                    stall_db,
+                    100 if not args.smoke else 20,
+                    stall_interval,
+                    stall_window,
+                    stuck=stuck,
+                )
+    report(rows, idle, stall, sizes, args, stall_interval)
+    return 0
+
+
+def report(
+    rows: list[dict[str, Any]],
+    idle: dict[str, dict[str, Any]],
+    stall: dict[tuple[str, int], dict[str, Any]],
+    sizes: list[int],
+    args: argparse.Namespace,
+    stall_interval: float,
+) -> None:
+    print(
+        f"\nfan-out benchmark: interval {args.interval} s, {args.ticks} ticks per run, "
+        f"medians of {args.rounds} round(s), 2 cores shared by server and swarm\n"
+    )
+    columns = [
+        "cpu_percent",
+        "cpu_per_tick_ms",
+        "broadcast_ms",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "kib_per_connection",
+        "stop_ms",
+    ]
+    print(f"{'N':>6} {'server':9}" + "".join(f"{c:>20}" for c in columns) + f"{'held':>8}")
+    table: dict[tuple[str, int], dict[str, Any]] = {}
+    for size in sizes:
+        for kind in ("baseline", "ours", "floor"):
+            group = [r for r in rows if r["kind"] == kind and r["clients"] == size]
+            med = {c: _median(group, c) for c in columns}
+            med["held"] = all(r["held"] for r in group) and all(
+                r["connected"] == size for r in group
+            )
+            table[kind, size] = med
+            print(
+                f"{size:>6} {kind:9}"
+                + "".join(f"{_fmt(med[c], 2):>20}" for c in columns)
+                + f"{'yes' if med['held'] else 'NO':>8}"
+            )
+        ours, base, floor = table["ours", size], table["baseline", size], table["floor", size]
+        cpu_ratio = _ratio(base["cpu_per_tick_ms"], ours["cpu_per_tick_ms"])
+        floor_ratio = _ratio(ours["cpu_per_tick_ms"], floor["cpu_per_tick_ms"])
+        print(
+            f"{size:>6} {'ratios':9} baseline/ours CPU per tick {_fmt(cpu_ratio, 2)}x, "
+            f"ours/floor {_fmt(floor_ratio, 2)}x"
+        )
+    print(
+        f"\nidle (no clients): ours {_fmt(idle['ours']['idle_cpu_percent'], 3)} % CPU, "
+        f"{idle['ours']['idle_queries']} queries; baseline "
+        f"{_fmt(idle['baseline']['idle_cpu_percent'], 3)} % CPU, "
+        f"{idle['baseline']['idle_queries']} queries"
+    )
+    print(
+        f"\none stuck client among the others ({stall_interval * 1000:.0f} ms interval, "
+        f"11 KB frames): slowest gap between updates of healthy clients"
+    )
+    for kind in ("baseline", "ours"):
+        clean, stalled = stall[kind, 0], stall[kind, 1]
+        print(
+            f"  {kind:9} no stall {_fmt(clean['gap_max_ms'])} ms, with a stuck client "
+            f"{_fmt(stalled['gap_max_ms'])} ms ({_fmt(_ratio(stalled['gap_max_ms'], clean['gap_max_ms']), 2)}x); "
+            f"stop() {_fmt(stalled['stop_ms'])} ms"
+        )
+    print("\ngoals")
+    big = max(sizes)
+    goal = _goal_printer()
+    goal(
+        f">= 10,000 clients, each receiving every tick (largest N {big})",
+        big >= 10_000 and table["ours", big]["held"],
+    )
+    for size in (s for s in sizes if s >= 1000):
+        o, b, f = table["ours", size], table["baseline", size], table["floor", size]
+        goal(
+            f"CPU per tick at {size}: >= 4x lower than baseline",
+            (_ratio(b["cpu_per_tick_ms"], o["cpu_per_tick_ms"]) or 0) >= 4,
+        )
+        goal(
+            f"per-client fan-out cost at {size}: within 2x of the floor",
+            (_ratio(o["cpu_per_tick_ms"], f["cpu_per_tick_ms"]) or 99) <= 2,
+        )
+        limit = 50 if size <= 1000 else 200
+        goal(f"tick-to-receive p99 at {size} <= {limit} ms", (o["latency_p99_ms"] or 1e9) <= limit)
+    goal(
+        "<= 16 KiB per idle connection (largest N)",
+        (table["ours", big]["kib_per_connection"] or 1e9) <= 16,
+    )
+    goal(
+        "no clients: no queries and CPU <= 0.1 %",
+        idle["ours"]["idle_queries"] == 0 and idle["ours"]["idle_cpu_percent"] <= 0.1,
+    )
+    if 1000 in sizes:
+        goal("stop() <= 300 ms with 1,000 clients", (table["ours", 1000]["stop_ms"] or 1e9) <= 300)
+    goal(
+        "stop() with a stuck client not held up beyond the close timeout (1 s, +10 %)",
+        stall["ours", 1]["stop_ms"] <= 1100,
+    )
+    goal(
+        "a stuck client leaves the others' cadence (slowest gap <= 2x the no-stall run)",
+        (_ratio(stall["ours", 1]["gap_max_ms"], stall["ours", 0]["gap_max_ms"]) or 99) <= 2,
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _goal_printer() -> Callable[[str, bool], None]:
+    def goal(text: str, met: bool) -> None:
+        print(f"  {'pass ' if met else 'short'}  {text}")
+
+    return goal
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_server":
+        asyncio.run(
+            _server_main(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5]))
+        )
+    elif len(sys.argv) > 1 and sys.argv[1] == "_swarm":
+        asyncio.run(
+            _swarm_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+        )
+    else:
+        sys.exit(main())
