@@ -15,7 +15,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -187,6 +187,11 @@ class MetricsSource:
         """Number of full refreshes (the database had changed)."""
 
     @property
+    def has_data(self) -> bool:
+        """True once a read has succeeded (there is last good data to serve)."""
+        return self._cache.as_of is not None
+
+    @property
     def state(self) -> SourceState:
         """Health after the last read."""
         return self._state
@@ -224,18 +229,19 @@ class MetricsSource:
         # missing skill_anomalies table does not hide the top skills.
         cache = self._cache
         full = token != cache.token or self._state is not SourceState.OK
+        parts: list[Callable[[], Awaitable[None]]]
         if full:
             parts = [
-                self._refresh_skills(skills),
-                self._refresh_table_anomalies(now),
-                self._refresh_live_anomalies(now),
+                lambda: self._refresh_skills(skills),
+                lambda: self._refresh_table_anomalies(now),
+                lambda: self._refresh_live_anomalies(now),
             ]
         else:
-            parts = [self._fetch_named_rows(cache.rows, skills)]
+            parts = [lambda: self._fetch_named_rows(cache.rows, skills)]
         failures: list[Exception] = []
         for part in parts:
             try:
-                await part
+                await part()
             except _READ_ERRORS as exc:
                 failures.append(exc)
         if full and not failures:

@@ -82,6 +82,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_DB_PATH: Final = Path(".session-buddy/skills.db")
 _SLOW_CLIENT_REASON: Final = "too slow: updates were not being read"
 _PING_BUFFER_LIMIT: Final = 8 * 1024
+_FIRST_READ_WAIT: Final = 5.0
 
 
 @dataclass(eq=False, slots=True)
@@ -272,6 +273,7 @@ class RealTimeMetricsServer:
         # How long a tick waits for a new read before sending the last good data.
         self._read_deadline = 0.8 * self.update_interval
         self._clients: dict[ServerConnection, ClientState] = {}
+        self._has_clients = asyncio.Event()
         self._counters = _Counters()
         self._running: _Running | None = None
         self._lifecycle = asyncio.Lock()
@@ -446,6 +448,7 @@ class RealTimeMetricsServer:
             if running.evictions:
                 await asyncio.gather(*running.evictions, return_exceptions=True)
             self._clients.clear()
+            self._has_clients.clear()
             if running.owns_db:
                 await running.db.close()
             logger.info("stopped")
@@ -481,6 +484,7 @@ class RealTimeMetricsServer:
             limiter=RateLimiter(self._message_rate, self._message_burst),
         )
         self._clients[websocket] = state
+        self._has_clients.set()
         self._counters.connections_total += 1
         logger.debug("client %s connected (%d now)", shown, len(self._clients))
         return state
@@ -488,6 +492,8 @@ class RealTimeMetricsServer:
     def unregister_client(self, websocket: ServerConnection) -> None:
         """Forget a client; harmless if it is unknown."""
         state = self._clients.pop(websocket, None)
+        if not self._clients:
+            self._has_clients.clear()
         if state is not None:
             logger.debug("client %s left (%d now)", state.remote, len(self._clients))
 
@@ -684,6 +690,12 @@ class RealTimeMetricsServer:
         interval = self.update_interval
         next_tick = loop.time()
         while not running.stopping.is_set():
+            if not self._clients:
+                # Nobody connected: no ticks, no wake-ups, until a client arrives; it is
+                # served at once and the schedule restarts from there.
+                if not await self._until_clients(running):
+                    return
+                next_tick = loop.time()
             began = loop.time()
             try:
                 await self._broadcast_tick(running)
@@ -704,6 +716,17 @@ class RealTimeMetricsServer:
                     await running.stopping.wait()
             except TimeoutError:
                 pass
+
+    async def _until_clients(self, running: _Running) -> bool:
+        """Wait until a client is registered (True) or the server stops (False)."""
+        arrived = asyncio.ensure_future(self._has_clients.wait())
+        stopping = asyncio.ensure_future(running.stopping.wait())
+        try:
+            await asyncio.wait({arrived, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrived.cancel()
+            stopping.cancel()
+        return not running.stopping.is_set()
 
     async def _broadcast_tick(self, running: _Running) -> None:
         groups: dict[str | None, list[ClientState]] = {}
@@ -733,15 +756,21 @@ class RealTimeMetricsServer:
         if running.owns_db and not await self._check_database_file(running):
             return running.source.cached(skills)
         task = running.read_task
+        started = task is None or task.done()
         if task is None or task.done():
             task = asyncio.create_task(running.source.read(skills))
             running.read_task = task
-            done, _ = await asyncio.wait({task}, timeout=self._read_deadline)
-        else:
-            # A read still running from an earlier tick: do not wait for it again.
-            done = {task} if task.done() else set()
+        # A read still running from an earlier tick is not waited for again, except for
+        # the very first data: an empty "busy" snapshot would help nobody.
+        wait = self._read_deadline if started else 0.0
+        if not running.source.has_data:
+            wait = max(wait, _FIRST_READ_WAIT)
+        done = (await asyncio.wait({task}, timeout=wait))[0] if wait else set()
         if task.cancelled():  # dropped because the database file was replaced
             return running.source.cached(skills)
+        if task in done and not skills <= task.result().skills.keys():
+            # The read that finished was started for other skills (an earlier tick).
+            return await self._read(running, skills)
         if task in done:
             if running.busy_since is not None:
                 logger.info("skills database answering again")
@@ -803,6 +832,8 @@ class RealTimeMetricsServer:
         interval = self._ping_interval
         step = min(1.0, interval / 4)
         while not running.stopping.is_set():
+            if not self._clients and not await self._until_clients(running):
+                return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(step):
                     await running.stopping.wait()
@@ -892,8 +923,9 @@ class RealTimeMetricsServer:
         self._counters.messages_sent += sent
 
     def _evict(self, running: _Running, client: ClientState) -> None:
-        if self._clients.pop(client.websocket, None) is None:
+        if client.websocket not in self._clients:
             return
+        self.unregister_client(client.websocket)
         self._counters.clients_evicted += 1
         logger.warning("closing client %s: %s", client.remote, _SLOW_CLIENT_REASON)
         self._close_later(

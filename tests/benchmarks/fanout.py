@@ -95,15 +95,15 @@ class TickLog:
 async def _serve_ours(port: int, db: Path, interval: float, ticks: TickLog) -> Any:
     from session_buddy_realtime import RealTimeMetricsServer
 
-    original = RealTimeMetricsServer._broadcast_tick  # noqa: SLF001 - timing only
+    original = RealTimeMetricsServer._broadcast_tick
 
     async def timed_tick(self: Any, running: Any) -> None:
-        if self._clients:  # noqa: SLF001 - count only ticks that had listeners
+        if self._clients:
             await ticks.timed(original)(self, running)
         else:
             await original(self, running)
 
-    RealTimeMetricsServer._broadcast_tick = timed_tick  # type: ignore[method-assign]  # noqa: SLF001
+    RealTimeMetricsServer._broadcast_tick = timed_tick  # type: ignore[method-assign]
     server = RealTimeMetricsServer(
         "127.0.0.1", port, db, update_interval=interval, max_connections_per_ip=100_000
     )
@@ -339,10 +339,16 @@ class SwarmClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         key = base64.b64encode(os.urandom(16))
+        # Healthy clients offer compression as browsers do. The stuck one does not, so
+        # that its backlog grows as fast on every server and the window sees its effect.
+        offer = (
+            b""
+            if self.stuck
+            else (b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n")
+        )
         self.transport.write(
             b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n" + offer + b"\r\n"
         )
 
     def data_received(self, data: bytes) -> None:
@@ -444,7 +450,7 @@ async def _swarm_main(port: int, count: int, window: float, stuck: int) -> None:
         if index % 500 == 499:
             await asyncio.sleep(0)
     deadline = time.monotonic() + 120
-    while swarm.connected < count + stuck and time.monotonic() < deadline:
+    while swarm.connected < count + stuck and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     print(json.dumps({"connected": swarm.connected}), flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)  # "measure"
@@ -717,9 +723,10 @@ def report(
     )
     for kind in ("baseline", "ours"):
         clean, stalled = stall[kind, 0], stall[kind, 1]
+        ratio = _ratio(stalled["gap_max_ms"], clean["gap_max_ms"])
         print(
             f"  {kind:9} no stall {_fmt(clean['gap_max_ms'])} ms, with a stuck client "
-            f"{_fmt(stalled['gap_max_ms'])} ms ({_fmt(_ratio(stalled['gap_max_ms'], clean['gap_max_ms']), 2)}x); "
+            f"{_fmt(stalled['gap_max_ms'])} ms ({_fmt(ratio, 2)}x); "
             f"stop() {_fmt(stalled['stop_ms'])} ms"
         )
     print("\ngoals")
