@@ -338,7 +338,6 @@ class RealTimeMetricsServer:
                 allowed_origins=set(self._allowed_origins),
                 check_host_header=self._check_host_header and is_loopback(self.host),
                 bound_host=self.host,
-                refused=Counter(),
             )
             try:
                 server = await serve(
