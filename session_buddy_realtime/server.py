@@ -101,7 +101,7 @@ class ClientState:
     congested_since: float | None = None
     closing_since: float | None = None
     rate_violations: int = 0
-    ping_due: float = 0.0
+    ping_due: float = math.inf
     pong_waiter: asyncio.Future[float] | None = None
     ping_sent_at: float = 0.0
 
@@ -476,12 +476,15 @@ class RealTimeMetricsServer:
         """Add a client, subscribed to all skills (the seed's default)."""
         remote = websocket.remote_address
         shown = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
+        now = time.monotonic()
         state = ClientState(
             websocket=websocket,
             remote=shown,
-            connected_at=time.monotonic(),
+            connected_at=now,
             limiter=RateLimiter(self._message_rate, self._message_burst),
         )
+        if self._ping_interval is not None:
+            state.ping_due = now + self._ping_interval
         self._clients[websocket] = state
         self._has_clients.set()
         self._counters.connections_total += 1
@@ -536,18 +539,10 @@ class RealTimeMetricsServer:
                 async for message in websocket:
                     if not await self._within_rate(websocket, state):
                         return False
-                    try:
-                        request = parse_client_message(message)
-                    except ProtocolError as exc:
-                        await self._reply_error(websocket, exc.code, exc.message)
-                        continue
-                    if isinstance(request, Auth):
-                        return await self._check_token(websocket, state, request.token)
-                    await self._reply_error(
-                        websocket,
-                        ErrorCode.NOT_AUTHENTICATED,
-                        'authenticate first: send {"type": "auth", "token": "..."}',
-                    )
+                    # Everything but a valid auth gets not_authenticated (or closes 4001).
+                    await self.handle_client_message(websocket, message)
+                    if state.authenticated:
+                        return True
         except TimeoutError:
             self._counters.auth_failures += 1
             await websocket.close(CloseCode.AUTH_FAILED, "authentication timeout")
@@ -555,17 +550,16 @@ class RealTimeMetricsServer:
 
     async def _check_token(
         self, websocket: ServerConnection, state: ClientState, token: str
-    ) -> bool:
+    ) -> None:
         if self._token is not None and not tokens_match(token, self._token):
             self._counters.auth_failures += 1
             logger.info("client %s failed to authenticate", state.remote)
             await websocket.close(CloseCode.AUTH_FAILED, "authentication failed")
-            return False
+            return
         state.authenticated = self._token is not None
         if not state.subscribed:
             state.subscribed, state.skill = True, None
         await self._reply(websocket, authenticated_message(timestamp=format_timestamp()))
-        return True
 
     async def _within_rate(self, websocket: ServerConnection, state: ClientState) -> bool:
         """Apply the message rate limit; False once the client has been closed for it."""
@@ -601,7 +595,9 @@ class RealTimeMetricsServer:
             return
         if not isinstance(request, Auth) and not self._may_use(state):
             await self._reply_error(
-                websocket, ErrorCode.NOT_AUTHENTICATED, "authenticate first with an 'auth' message"
+                websocket,
+                ErrorCode.NOT_AUTHENTICATED,
+                'authenticate first: send {"type": "auth", "token": "..."}',
             )
             return
         try:
@@ -632,9 +628,7 @@ class RealTimeMetricsServer:
         try:
             skill = validate_skill_name(skill_name)
         except ProtocolError as exc:
-            await self._reply(
-                websocket, error_message(exc.code, exc.message, timestamp=format_timestamp())
-            )
+            await self._reply_error(websocket, exc.code, exc.message)
             return
         state = self._clients.get(websocket)
         running = self._running
@@ -754,14 +748,13 @@ class RealTimeMetricsServer:
         """
         if running.owns_db and not await self._check_database_file(running):
             return running.source.cached(skills)
-        task = running.read_task
-        started = task is None or task.done()
-        if task is None or task.done():
-            task = asyncio.create_task(running.source.read(skills))
-            running.read_task = task
         # A read still running from an earlier tick is not waited for again, except for
         # the very first data: an empty "busy" snapshot would help nobody.
-        wait = self._read_deadline if started else 0.0
+        wait = 0.0
+        if running.read_task is None or running.read_task.done():
+            running.read_task = asyncio.create_task(running.source.read(skills))
+            wait = self._read_deadline
+        task = running.read_task
         if not running.source.has_data:
             wait = max(wait, _FIRST_READ_WAIT)
         done = (await asyncio.wait({task}, timeout=wait))[0] if wait else set()
@@ -865,8 +858,6 @@ class RealTimeMetricsServer:
                 return
             client.pong_waiter = None
             client.ping_due = now + interval
-        if client.ping_due == 0.0:
-            client.ping_due = client.connected_at + interval
         if now < client.ping_due:
             return
         # ping() waits for the buffer to drain once it passed the library's high-water
