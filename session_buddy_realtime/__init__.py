@@ -9,7 +9,7 @@ from session_buddy_realtime.errors import (
     RealtimeError,
     ServerStartError,
 )
-from session_buddy_realtime.server import RealTimeMetricsServer
+from session_buddy_realtime.stream.server import RealTimeMetricsServer
 
 __all__ = [
     "DatabaseNotFoundError",

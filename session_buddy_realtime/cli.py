@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from session_buddy_realtime._version import __version__
-from session_buddy_realtime.config import load_settings
-from session_buddy_realtime.demo import DEFAULT_DEMO_DB_PATH, DemoWriter, prepare_demo_database
+from session_buddy_realtime.data.demo import DEFAULT_DEMO_DB_PATH, DemoWriter, prepare_demo_database
 from session_buddy_realtime.errors import ConfigError, RealtimeError
-from session_buddy_realtime.mcp_host import run_stdio
-from session_buddy_realtime.security import RedactSecrets
-from session_buddy_realtime.server import DEFAULT_DB_PATH, RealTimeMetricsServer
+from session_buddy_realtime.host.settings import load_settings
+from session_buddy_realtime.host.stdio import run_stdio
+from session_buddy_realtime.stream.security import RedactSecrets
+from session_buddy_realtime.stream.server import DEFAULT_DB_PATH, RealTimeMetricsServer
 from session_buddy_realtime.watch import DEFAULT_URL, watch
 
 __all__ = ["build_parser", "main"]

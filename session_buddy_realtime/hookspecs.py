@@ -2,23 +2,60 @@
 
 A host calls these hooks through ``session_buddy_realtime.host``; a plugin implements
 any of them with ``HookimplMarker("session_buddy")`` and may accept fewer arguments than
-listed here, so that hooks can grow.
+listed here, so that hooks can grow. ``HostContext`` is what every hook is given. This
+file imports nothing else of this package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import aiosqlite
 import pluggy
 
-if TYPE_CHECKING:
-    from session_buddy_realtime.host import HostContext
-
-__all__ = ["PROJECT", "hookspec", "register_tools", "shutdown", "startup"]
+__all__ = [
+    "PROJECT",
+    "HostContext",
+    "PluginFailure",
+    "hookspec",
+    "register_tools",
+    "shutdown",
+    "startup",
+]
 
 PROJECT = "session_buddy"
 hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@dataclass(frozen=True, slots=True)
+class PluginFailure:
+    """A plugin that could not load, or raised in a hook."""
+
+    plugin: str
+    hook: str
+    error: str
+
+
+@dataclass(eq=False)
+class HostContext:
+    """What a host hands to plugins.
+
+    Attributes:
+        db: The host's open skills-database connection (None until the host opened it).
+        db_path: Where that database lives, if known.
+        settings: Environment-style settings (``SESSION_BUDDY_REALTIME_PORT`` and so on).
+        state: Per-host state for plugins, keyed by plugin name; nothing global.
+        plugin_errors: Every plugin failure so far, for status displays.
+    """
+
+    db: aiosqlite.Connection | None = None
+    db_path: Path | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    plugin_errors: list[PluginFailure] = field(default_factory=list)
 
 
 @hookspec

@@ -10,8 +10,8 @@ from collections.abc import Awaitable
 from typing import Any
 
 from session_buddy_realtime.host import HostContext, hookimpl
-from session_buddy_realtime.service import service_for
-from session_buddy_realtime.tools import register_tools as add_tools
+from session_buddy_realtime.host.service import service_for
+from session_buddy_realtime.host.tools import register_tools as add_tools
 
 __all__ = ["register_tools", "shutdown", "startup"]
 

@@ -18,8 +18,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from session_buddy_realtime import RealTimeMetricsServer
+from session_buddy_realtime.data.schema import SCHEMA_SQL
 from session_buddy_realtime.protocol import load_schema
-from session_buddy_realtime.schema import SCHEMA_SQL
 
 NO_SKIP = os.environ.get("REALTIME_TESTS_NO_SKIP") == "1"
 """Set by CI: a test that would skip (an external program is missing) fails instead."""

@@ -27,7 +27,7 @@ from typing import IO, Any
 import pytest
 
 from session_buddy_realtime import __version__
-from session_buddy_realtime.schema import SCHEMA_SQL
+from session_buddy_realtime.data.schema import SCHEMA_SQL
 from tests.conftest import SERVER_MESSAGE, UNIT, SkillsDB
 
 COMMAND = [sys.executable, "-m", "session_buddy_realtime.cli"]

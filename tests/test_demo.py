@@ -16,13 +16,13 @@ import aiosqlite
 import pytest
 
 from session_buddy_realtime import RealtimeError, RealTimeMetricsServer
-from session_buddy_realtime.demo import (
+from session_buddy_realtime.data.demo import (
     DEMO_APPLICATION_ID,
     DEMO_SKILLS,
     DemoWriter,
     prepare_demo_database,
 )
-from session_buddy_realtime.schema import REQUIRED_TABLES, SCHEMA_SQL
+from session_buddy_realtime.data.schema import REQUIRED_TABLES, SCHEMA_SQL
 from tests.conftest import SERVER_MESSAGE, UNIT
 
 DEMO_NAMES = {skill.name for skill in DEMO_SKILLS}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from session_buddy_realtime.detection import DetectionSettings, WindowStats, detect
+from session_buddy_realtime.data.detection import DetectionSettings, WindowStats, detect
 
 
 def stats(

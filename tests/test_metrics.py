@@ -1,4 +1,4 @@
-"""MetricsSource on real SQLite files: queries, time handling, change detection."""
+"""MetricsReader on real SQLite files: queries, time handling, change detection."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from session_buddy_realtime.metrics import MetricsSource, SourceState
+from session_buddy_realtime.data.reader import MetricsReader
+from session_buddy_realtime.data.schema import SCHEMA_SQL
+from session_buddy_realtime.data.source import SourceState
 from session_buddy_realtime.protocol import format_timestamp, metrics_update_message
-from session_buddy_realtime.schema import SCHEMA_SQL
 from tests.conftest import SERVER_MESSAGE, SkillsDB, iso
 
 
@@ -39,7 +40,7 @@ async def test_top_skills_are_the_ten_busiest_with_seed_fields(
 ) -> None:
     """top_skills holds the ten skills with most invocations, busiest first, in percent."""
     ranked_db.record("skill-01", completed=False, count=2)
-    snapshot = await MetricsSource(reader).read()
+    snapshot = await MetricsReader(reader).read()
     names = [row["skill_name"] for row in snapshot.top_skills]
     assert names == [f"skill-{rank:02d}" for rank in range(1, 11)]
     first = snapshot.top_skills[0]
@@ -53,7 +54,7 @@ async def test_skill_with_nothing_completed_has_null_duration(
 ) -> None:
     """avg_duration_seconds is null while no invocation of the skill has completed."""
     skills_db.record("never-done", completed=False, count=3)
-    snapshot = await MetricsSource(reader).read({"never-done"})
+    snapshot = await MetricsReader(reader).read({"never-done"})
     row = snapshot.skills["never-done"]
     assert row is not None
     assert row["avg_duration_seconds"] is None
@@ -64,7 +65,7 @@ async def test_rows_of_skills_below_the_top_ten_and_unknown_skills(
     ranked_db: SkillsDB, reader: aiosqlite.Connection
 ) -> None:
     """A skill ranked 12th is read by name; an unknown skill reads as None."""
-    source = MetricsSource(reader)
+    source = MetricsReader(reader)
     snapshot = await source.read({"skill-12", "no-such-skill"})
     row = snapshot.skills["skill-12"]
     assert row is not None
@@ -93,7 +94,7 @@ async def test_table_anomalies_are_unresolved_rows_of_the_last_hour_as_times(
     skills_db.add_anomaly("old-offset", (now - timedelta(minutes=90)).astimezone(plus5).isoformat())
     skills_db.add_anomaly("old", iso(now - timedelta(hours=2)))
     skills_db.add_anomaly("resolved", iso(now - timedelta(minutes=5)), resolved_at=iso(now))
-    snapshot = await MetricsSource(reader).read()
+    snapshot = await MetricsReader(reader).read()
     found = {a["skill_name"] for a in snapshot.anomalies}
     assert found == {"recent-z", "recent-space", "recent-offset"}
     assert all(a["source"] == "table" for a in snapshot.anomalies)
@@ -107,7 +108,7 @@ async def test_anomalies_are_ordered_most_severe_first_and_filtered_per_skill(
     skills_db.add_anomaly("mild", iso(now - timedelta(minutes=1)), score=1.5)
     skills_db.add_anomaly("severe", iso(now - timedelta(minutes=2)), score=6.0)
     skills_db.add_anomaly("unscored", iso(now - timedelta(minutes=3)), score=None)
-    snapshot = await MetricsSource(reader).read({"mild"})
+    snapshot = await MetricsReader(reader).read({"mild"})
     assert [a["skill_name"] for a in snapshot.anomalies] == ["severe", "mild", "unscored"]
     assert [a["skill_name"] for a in snapshot.data("mild")["anomalies"]] == ["mild"]
 
@@ -119,7 +120,7 @@ async def test_table_anomaly_ages_out_without_a_new_query(
     now = datetime.now(UTC)
     skills_db.add_anomaly("aging", iso(now - timedelta(minutes=50)))
     clock = Clock(now)
-    source = MetricsSource(reader, clock=clock)
+    source = MetricsReader(reader, clock=clock)
     assert [a["skill_name"] for a in (await source.read()).anomalies] == ["aging"]
     queries = source.queries
     clock.now += 11 * 60
@@ -139,7 +140,7 @@ async def test_live_detection_flags_a_recent_completion_drop(
     """Ten failures in the last minutes after hours of success show as a live 'drop'."""
     now = datetime.now(UTC)
     _live_history(skills_db, now)
-    snapshot = await MetricsSource(reader).read({"flaky"})
+    snapshot = await MetricsReader(reader).read({"flaky"})
     [anomaly] = snapshot.data("flaky")["anomalies"]
     assert anomaly["source"] == "live"
     assert anomaly["anomaly_type"] == "drop"
@@ -156,7 +157,7 @@ async def test_live_anomaly_keeps_its_first_detection_time_then_expires(
     now = datetime.now(UTC)
     _live_history(skills_db, now)
     clock = Clock(now)
-    source = MetricsSource(reader, clock=clock)
+    source = MetricsReader(reader, clock=clock)
     first = (await source.read()).anomalies[0]["detected_at"]
     skills_db.record("other", at=now)
     clock.now += 30
@@ -171,7 +172,7 @@ async def test_no_requery_until_another_connection_commits(
 ) -> None:
     """Reads while the database is unchanged run no data query; a commit elsewhere does."""
     skills_db.record("a")
-    source = MetricsSource(reader)
+    source = MetricsReader(reader)
     await source.read()
     queries, refreshes = source.queries, source.refreshes
     for _ in range(5):
@@ -187,7 +188,7 @@ async def test_new_subscribed_skill_is_read_without_a_full_refresh(
     ranked_db: SkillsDB, reader: aiosqlite.Connection
 ) -> None:
     """A skill asked for the first time costs one row query, not a refresh."""
-    source = MetricsSource(reader)
+    source = MetricsReader(reader)
     await source.read()
     refreshes, queries = source.refreshes, source.queries
     snapshot = await source.read({"skill-11"})
@@ -198,7 +199,7 @@ async def test_new_subscribed_skill_is_read_without_a_full_refresh(
 async def test_writes_through_the_same_connection_are_seen(skills_db: SkillsDB) -> None:
     """Writes made on the shared connection itself trigger a refresh (data_version misses them)."""
     async with aiosqlite.connect(skills_db.path) as shared:
-        source = MetricsSource(shared)
+        source = MetricsReader(shared)
         assert (await source.read()).top_skills == []
         await shared.execute(
             "INSERT INTO skill_invocation (skill_name, invoked_at, completed, duration_seconds) "
@@ -218,7 +219,7 @@ async def test_host_row_factory_is_left_alone(ranked_db: SkillsDB) -> None:
 
     async with aiosqlite.connect(ranked_db.path) as shared:
         shared.row_factory = as_dict  # type: ignore[assignment]
-        snapshot = await MetricsSource(shared).read({"skill-12"})
+        snapshot = await MetricsReader(shared).read({"skill-12"})
         assert len(snapshot.top_skills) == 10
         assert shared.row_factory is as_dict
         async with shared.execute("SELECT skill_name FROM skill_metrics LIMIT 1") as cursor:
@@ -230,7 +231,7 @@ async def test_missing_tables_are_reported_then_recovered(tmp_path: Path) -> Non
     path = tmp_path / "empty.db"
     sqlite3.connect(path).close()
     async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as reader:
-        source = MetricsSource(reader)
+        source = MetricsReader(reader)
         snapshot = await source.read()
         assert snapshot.state is SourceState.MISSING_TABLES
         assert snapshot.message is not None
@@ -252,7 +253,7 @@ async def test_error_keeps_the_last_good_data(
     ranked_db: SkillsDB, reader: aiosqlite.Connection
 ) -> None:
     """When the table disappears the last good rows are still served, flagged stale."""
-    source = MetricsSource(reader)
+    source = MetricsReader(reader)
     good = await source.read()
     with ranked_db.connect() as writer:
         writer.execute("DROP TABLE skill_metrics")
@@ -271,7 +272,7 @@ async def test_non_finite_numbers_read_as_null(
         db.execute(
             "UPDATE skill_metrics SET avg_duration_seconds = 1e999 WHERE skill_name = 'skill-02'"
         )
-    snapshot = await MetricsSource(reader).read()
+    snapshot = await MetricsReader(reader).read()
     row = next(r for r in snapshot.top_skills if r["skill_name"] == "skill-02")
     assert row["avg_duration_seconds"] is None
     assert snapshot.anomalies[0]["deviation_score"] is None
@@ -292,7 +293,7 @@ async def test_negative_deviation_counts_by_magnitude(
     now = datetime.now(UTC)
     skills_db.add_anomaly("mild", iso(now - timedelta(minutes=1)), score=2.0)
     skills_db.add_anomaly("negative-severe", iso(now - timedelta(minutes=2)), score=-4.0)
-    snapshot = await MetricsSource(reader).read()
+    snapshot = await MetricsReader(reader).read()
     assert [a["skill_name"] for a in snapshot.anomalies] == ["negative-severe", "mild"]
 
 
@@ -302,7 +303,7 @@ async def test_missing_anomaly_table_keeps_the_top_skills(
     """Without skill_anomalies the top skills are still served, and the state names the table."""
     with ranked_db.connect() as db:
         db.execute("DROP TABLE skill_anomalies")
-    snapshot = await MetricsSource(reader).read()
+    snapshot = await MetricsReader(reader).read()
     assert snapshot.state is SourceState.MISSING_TABLES
     assert snapshot.message is not None
     assert "skill_anomalies" in snapshot.message

@@ -14,11 +14,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 from session_buddy_realtime import hookspecs, plugin
-from session_buddy_realtime.config import RealtimeSettings, load_settings
 from session_buddy_realtime.errors import ConfigError
 from session_buddy_realtime.host import HostContext, PluginHost, create_plugin_manager, hookimpl
-from session_buddy_realtime.service import service_for
-from session_buddy_realtime.tools import TOOL_NAMES
+from session_buddy_realtime.host.service import service_for
+from session_buddy_realtime.host.settings import RealtimeSettings, load_settings
+from session_buddy_realtime.host.tools import TOOL_NAMES
 from tests.conftest import Client, SkillsDB
 from tests.mcp_support import make_mcp_server, mcp_session
 
@@ -154,7 +154,7 @@ async def test_plugin_that_fails_to_import_does_not_stop_the_host(
 
     real = entry_points(group="session_buddy")
     monkeypatch.setattr(
-        "session_buddy_realtime.host.entry_points", lambda group: [BadEntry(), *real]
+        "session_buddy_realtime.host.plugins.entry_points", lambda group: [BadEntry(), *real]
     )
     manager, failures = create_plugin_manager()
     assert [(f.plugin, f.hook) for f in failures] == [("exploding", "load")]

@@ -64,7 +64,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
 from session_buddy_realtime import RealTimeMetricsServer
-from session_buddy_realtime.metrics import MetricsSource
+from session_buddy_realtime.data.reader import MetricsReader
+from session_buddy_realtime.data.schema import SCHEMA_SQL
 from session_buddy_realtime.protocol import (
     Auth,
     Ping,
@@ -73,7 +74,7 @@ from session_buddy_realtime.protocol import (
     Unsubscribe,
     parse_client_message,
 )
-from session_buddy_realtime.schema import SCHEMA_SQL
+from session_buddy_realtime.stream.hub import Hub
 from tests.conftest import (
     INTERVAL,
     SERVER_MESSAGE,
@@ -459,7 +460,7 @@ async def test_corrupted_file_is_an_error_until_a_good_copy_is_restored(
 
 
 class SlowReads:
-    """Wraps MetricsSource.read: reads wait while held, and overlapping reads are counted."""
+    """Wraps MetricsReader.read: reads wait while held, and overlapping reads are counted."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.released = asyncio.Event()
@@ -467,9 +468,9 @@ class SlowReads:
         self.active = 0
         self.most_active = 0
         self.calls = 0
-        original = MetricsSource.read
+        original = MetricsReader.read
 
-        async def read(source: MetricsSource, skills: Any = frozenset()) -> Any:
+        async def read(source: MetricsReader, skills: Any = frozenset()) -> Any:
             self.calls += 1
             self.active += 1
             self.most_active = max(self.most_active, self.active)
@@ -479,7 +480,7 @@ class SlowReads:
             finally:
                 self.active -= 1
 
-        monkeypatch.setattr(MetricsSource, "read", read)
+        monkeypatch.setattr(MetricsReader, "read", read)
 
     def hold(self) -> None:
         self.released.clear()
@@ -555,7 +556,7 @@ async def test_slow_query_keeps_cadence_at_a_short_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """At a 0.1 s interval a held read does not cost tick slots either ("never wait
-    longer than the tick allows", server.py _read)."""
+    longer than the tick allows", DatabaseSource.read)."""
     slow = SlowReads(monkeypatch)
     server = await start_server(update_interval=INTERVAL)
     stream, _ = await healthy_stream(server, open_client, watch)
@@ -567,25 +568,25 @@ async def test_slow_query_keeps_cadence_at_a_short_interval(
 
 
 def _fail_once_in_deliver(monkeypatch: pytest.MonkeyPatch, armed: list[bool]) -> None:
-    original = RealTimeMetricsServer._deliver
+    original = Hub._deliver
 
-    def deliver(self: RealTimeMetricsServer, *args: Any) -> None:
+    def deliver(self: Hub[Any], *args: Any) -> None:
         if armed and armed.pop():
             raise RuntimeError("injected fault in delivery")
         original(self, *args)
 
-    monkeypatch.setattr(RealTimeMetricsServer, "_deliver", deliver)
+    monkeypatch.setattr(Hub, "_deliver", deliver)
 
 
 def _fail_once_in_read(monkeypatch: pytest.MonkeyPatch, armed: list[bool]) -> None:
-    original = MetricsSource.read
+    original = MetricsReader.read
 
-    async def read(self: MetricsSource, skills: Any = frozenset()) -> Any:
+    async def read(self: MetricsReader, skills: Any = frozenset()) -> Any:
         if armed and armed.pop():
             raise RuntimeError("injected fault in read")
         return await original(self, skills)
 
-    monkeypatch.setattr(MetricsSource, "read", read)
+    monkeypatch.setattr(MetricsReader, "read", read)
 
 
 @pytest.mark.parametrize(

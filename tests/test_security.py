@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from session_buddy_realtime import RealTimeMetricsServer, ServerStartError
-from session_buddy_realtime.security import redact, tokens_match
+from session_buddy_realtime.stream.security import redact, tokens_match
 from tests.conftest import UNIT, Client, ClientFactory, ServerFactory, SkillsDB, url_of, wait_until
 
 TOKEN = "correct-horse-battery-staple-42"

@@ -25,7 +25,7 @@ from session_buddy_realtime import (
     RealTimeMetricsServer,
     ServerStartError,
 )
-from session_buddy_realtime.schema import SCHEMA_SQL
+from session_buddy_realtime.data.schema import SCHEMA_SQL
 from tests.conftest import (
     INTERVAL,
     UNIT,

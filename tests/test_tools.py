@@ -14,9 +14,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from session_buddy_realtime import plugin
+from session_buddy_realtime.data.schema import SCHEMA_SQL
 from session_buddy_realtime.host import HostContext, PluginHost, create_plugin_manager
-from session_buddy_realtime.schema import SCHEMA_SQL
-from session_buddy_realtime.tools import TOOL_NAMES
+from session_buddy_realtime.host.tools import TOOL_NAMES
 from tests.conftest import SERVER_MESSAGE, Client, SkillsDB, iso
 from tests.mcp_support import SERVER_KINDS, Session, make_mcp_server, mcp_session
 

@@ -95,16 +95,17 @@ class TickLog:
 
 async def _serve_ours(port: int, db: Path, interval: float, ticks: TickLog) -> Any:
     from session_buddy_realtime import RealTimeMetricsServer
+    from session_buddy_realtime.stream.hub import Hub
 
-    original = RealTimeMetricsServer._broadcast_tick
+    original = Hub._tick
 
-    async def timed_tick(self: Any, running: Any) -> None:
-        if self._clients:
-            await ticks.timed(original)(self, running)
+    async def timed_tick(self: Any) -> None:
+        if self.sessions:
+            await ticks.timed(original)(self)
         else:
-            await original(self, running)
+            await original(self)
 
-    RealTimeMetricsServer._broadcast_tick = timed_tick  # type: ignore[method-assign]
+    Hub._tick = timed_tick  # type: ignore[method-assign]
     server = RealTimeMetricsServer(
         "127.0.0.1", port, db, update_interval=interval, max_connections_per_ip=100_000
     )
@@ -600,7 +601,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _demo_db(directory: Path, anomalies: int) -> Path:
-    from session_buddy_realtime.demo import prepare_demo_database
+    from session_buddy_realtime.data.demo import prepare_demo_database
 
     path = directory / f"demo-{anomalies}.db"
     asyncio.run(prepare_demo_database(path))

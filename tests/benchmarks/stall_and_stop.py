@@ -34,7 +34,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 
 from session_buddy_realtime import RealTimeMetricsServer
-from session_buddy_realtime.demo import prepare_demo_database
+from session_buddy_realtime.data.demo import prepare_demo_database
 from session_buddy_realtime.protocol import encode
 
 INTERVAL = 0.02

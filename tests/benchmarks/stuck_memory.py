@@ -29,7 +29,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from session_buddy_realtime import RealTimeMetricsServer
-from session_buddy_realtime.demo import prepare_demo_database
+from session_buddy_realtime.data.demo import prepare_demo_database
 from session_buddy_realtime.protocol import encode
 
 

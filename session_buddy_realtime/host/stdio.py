@@ -21,7 +21,8 @@ from urllib.parse import quote
 import aiosqlite
 
 from session_buddy_realtime._version import __version__
-from session_buddy_realtime.host import HostContext, PluginHost
+from session_buddy_realtime.hookspecs import HostContext
+from session_buddy_realtime.host.plugins import PluginHost
 
 __all__ = ["build_host_server", "run_stdio"]
 

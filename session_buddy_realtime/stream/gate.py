@@ -1,9 +1,10 @@
 """What happens before a WebSocket opens: connection accounting and handshake checks.
 
 ``ConnectionRegistry`` sees every TCP connection (handshake finished or not), so limits
-count half-open ones and ``stop()`` can drop them. ``HandshakeGate`` is the server's
-``process_request``: it refuses, with an HTTP status, connections over the limits,
-requests whose Host or Origin is not allowed, and tokens that do not match.
+count half-open ones and ``stop()`` can drop them. ``HandshakeGate`` refuses, with an
+HTTP status, connections over the limits and requests whose Host is not allowed
+(``admit``, for every request), then upgrades whose Origin is not allowed and tokens
+that do not match (``upgrade``). ``HttpRouter`` (``router.py``) calls them in turn.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from session_buddy_realtime.security import (
+from session_buddy_realtime.stream.security import (
     handshake_token,
     host_header_allowed,
     origin_allowed,
@@ -85,8 +86,8 @@ class HandshakeGate:
     bound_host: str
     refused: Counter[str] = field(default_factory=Counter)
 
-    def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Return an HTTP refusal, or None to let the WebSocket open."""
+    def admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Checks for any request: connection limits and the Host header."""
         if len(self.registry.connections) > self.max_connections:
             return self._refuse(
                 connection,
@@ -109,6 +110,11 @@ class HandshakeGate:
                 http.HTTPStatus.FORBIDDEN,
                 "Host header not allowed for a loopback server",
             )
+        return None
+
+    def upgrade(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Checks for a WebSocket upgrade: the Origin and the token, if one is sent."""
+        headers: Headers = request.headers
         if not origin_allowed(headers.get("Origin"), self.allowed_origins):
             return self._refuse(
                 connection,

@@ -1,4 +1,4 @@
-"""The host side of the plugin contract: what Session-Buddy (or any host) calls.
+"""Loading plugins and calling their hooks: what Session-Buddy (or any host) calls.
 
 A host builds a ``PluginHost`` once, lets plugins add their tools to its MCP server, and
 runs ``lifespan()`` around its life::
@@ -16,52 +16,22 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import pluggy
 
 from session_buddy_realtime import hookspecs
-from session_buddy_realtime.hookspecs import PROJECT
+from session_buddy_realtime.hookspecs import PROJECT, HostContext, PluginFailure
 
-__all__ = ["HostContext", "PluginFailure", "PluginHost", "create_plugin_manager", "hookimpl"]
+__all__ = ["PluginHost", "create_plugin_manager", "hookimpl"]
 
 logger = logging.getLogger(__name__)
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
-
-
-@dataclass(frozen=True, slots=True)
-class PluginFailure:
-    """A plugin that could not load, or raised in a hook."""
-
-    plugin: str
-    hook: str
-    error: str
-
-
-@dataclass(eq=False)
-class HostContext:
-    """What a host hands to plugins.
-
-    Attributes:
-        db: The host's open skills-database connection (None until the host opened it).
-        db_path: Where that database lives, if known.
-        settings: Environment-style settings (``SESSION_BUDDY_REALTIME_PORT`` and so on).
-        state: Per-host state for plugins, keyed by plugin name; nothing global.
-        plugin_errors: Every plugin failure so far, for status displays.
-    """
-
-    db: aiosqlite.Connection | None = None
-    db_path: Path | None = None
-    settings: Mapping[str, str] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
-    plugin_errors: list[PluginFailure] = field(default_factory=list)
 
 
 def create_plugin_manager(

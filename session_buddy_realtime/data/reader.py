@@ -1,6 +1,6 @@
-"""Reading skill metrics and anomalies from Session-Buddy's skills database.
+"""Reading skill metrics and anomalies through one SQLite connection, re-querying only on change.
 
-``MetricsSource`` wraps one ``aiosqlite.Connection`` (the server's own read-only one,
+``MetricsReader`` wraps one ``aiosqlite.Connection`` (the server's own read-only one,
 or the host's, shared). It never writes, never changes the connection's
 ``row_factory``, and re-runs its queries only when the database changed: the change
 token combines ``PRAGMA data_version`` (commits by other connections) with the
@@ -12,96 +12,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiosqlite
 
-from session_buddy_realtime.detection import DetectionSettings, Finding, WindowStats, detect
+from session_buddy_realtime.data.detection import DetectionSettings, Finding, WindowStats, detect
+from session_buddy_realtime.data.queries import (
+    ANOMALY_WINDOW,
+    MAX_TABLE_ANOMALIES,
+    SKILL_COLUMNS,
+    TABLE_ANOMALIES_SQL,
+    TOP_SKILLS_LIMIT,
+    TOP_SQL,
+    WINDOW_STATS_SQL,
+    date_prefix,
+    float_or_none,
+    julian_day,
+    severity,
+    skill_row,
+    unix_time,
+)
+from session_buddy_realtime.data.schema import missing_tables
+from session_buddy_realtime.data.source import MetricsSnapshot, SourceState
 from session_buddy_realtime.protocol import format_timestamp
-from session_buddy_realtime.schema import missing_tables
 
-__all__ = [
-    "ANOMALY_WINDOW",
-    "MAX_ANOMALIES",
-    "TOP_SKILLS_LIMIT",
-    "MetricsSnapshot",
-    "MetricsSource",
-    "SourceState",
-]
+__all__ = ["MetricsReader"]
 
 logger = logging.getLogger(__name__)
 
-TOP_SKILLS_LIMIT: Final = 10
-ANOMALY_WINDOW: Final = 3600.0
-"""Seconds for which an unresolved row of ``skill_anomalies`` is reported."""
-MAX_ANOMALIES: Final = 50
-"""Anomalies per ``metrics_update`` for all skills (most severe first)."""
-_MAX_TABLE_ANOMALIES: Final = 500
 _IN_CHUNK: Final = 500
-_UNIX_EPOCH_JULIAN_DAY: Final = 2440587.5
 # What a read can raise: SQLite's errors, and ValueError from a closed connection.
 _READ_ERRORS: Final = (sqlite3.Error, ValueError)
-
-_SKILL_COLUMNS: Final = (
-    "skill_name, total_invocations, completed_invocations, completion_rate, "
-    "avg_duration_seconds, last_invoked"
-)
-_TOP_SQL: Final = (
-    f"SELECT {_SKILL_COLUMNS} FROM skill_metrics "  # noqa: S608
-    "ORDER BY total_invocations DESC, skill_name LIMIT ?"
-)
-# The text prefilter uses the index (ISO values of any style share the date prefix);
-# the julianday() comparison then compares times as times, whatever the separator or
-# time-zone suffix.
-_TABLE_ANOMALIES_SQL: Final = """
-SELECT skill_name, detected_at, anomaly_type, baseline_value, observed_value,
-       deviation_score, julianday(detected_at) AS detected_jd
-FROM skill_anomalies
-WHERE (resolved_at IS NULL OR resolved_at = '')
-  AND detected_at >= :prefix
-  AND julianday(detected_at) >= :since
-ORDER BY detected_jd DESC
-LIMIT :limit
-"""
-_WINDOW_STATS_SQL: Final = """
-SELECT skill_name,
-       SUM(jd >= :recent),
-       SUM(jd >= :recent AND completed = 1),
-       SUM(jd >= :recent AND completed = 1 AND duration_seconds IS NOT NULL),
-       TOTAL(CASE WHEN jd >= :recent AND completed = 1 THEN duration_seconds END),
-       SUM(jd < :recent),
-       SUM(jd < :recent AND completed = 1),
-       SUM(jd < :recent AND completed = 1 AND duration_seconds IS NOT NULL),
-       TOTAL(CASE WHEN jd < :recent AND completed = 1 THEN duration_seconds END),
-       TOTAL(CASE WHEN jd < :recent AND completed = 1
-                  THEN duration_seconds * duration_seconds END),
-       MAX(CASE WHEN jd >= :recent THEN jd END)
-FROM (
-    SELECT skill_name, completed, duration_seconds, julianday(invoked_at) AS jd
-    FROM skill_invocation
-    WHERE invoked_at >= :prefix
-)
-WHERE jd >= :baseline
-GROUP BY skill_name
-HAVING SUM(jd >= :recent) >= :min_recent
-"""
-
-
-class SourceState(StrEnum):
-    """Health of the data source, carried in every ``metrics_update``."""
-
-    OK = "ok"
-    MISSING_TABLES = "missing_tables"
-    ERROR = "error"
-    BUSY = "busy"
-    """A read is taking longer than the tick allows (locked or slow database)."""
 
 
 @dataclass(slots=True)
@@ -109,42 +55,6 @@ class _Anomaly:
     payload: dict[str, Any]
     expires_at: float
     skill_name: str
-
-
-@dataclass(slots=True)
-class MetricsSnapshot:
-    """One consistent reading of the database, shaped for the protocol."""
-
-    top_skills: list[dict[str, Any]]
-    skills: dict[str, dict[str, Any] | None]
-    anomalies: list[dict[str, Any]]
-    state: SourceState
-    message: str | None
-    as_of: str | None
-
-    @property
-    def fresh(self) -> bool:
-        """True when the last read succeeded (the data is not stale)."""
-        return self.state is SourceState.OK
-
-    def data(self, skill: str | None) -> dict[str, Any]:
-        """Return the ``data`` object of a ``metrics_update`` for all skills or one."""
-        if skill is None:
-            return {"top_skills": self.top_skills, "anomalies": self.anomalies[:MAX_ANOMALIES]}
-        row = self.skills.get(skill)
-        return {
-            "top_skills": [] if row is None else [row],
-            "anomalies": [a for a in self.anomalies if a["skill_name"] == skill],
-        }
-
-    def source(self) -> dict[str, Any]:
-        """Return the ``source`` object: state, staleness and age of the data."""
-        return {
-            "state": self.state.value,
-            "stale": not self.fresh,
-            "as_of": self.as_of,
-            "message": self.message,
-        }
 
 
 @dataclass(slots=True)
@@ -157,7 +67,7 @@ class _Cache:
     as_of: str | None = None
 
 
-class MetricsSource:
+class MetricsReader:
     """Reads top skills, per-skill rows and anomalies, re-querying only on change.
 
     Args:
@@ -251,7 +161,7 @@ class MetricsSource:
         return failures
 
     async def _refresh_skills(self, skills: Set[str]) -> None:
-        top = await self._fetch_skill_rows(_TOP_SQL, (TOP_SKILLS_LIMIT,))
+        top = await self._fetchskill_rows(TOP_SQL, (TOP_SKILLS_LIMIT,))
         rows: dict[str, dict[str, Any] | None] = {row["skill_name"]: row for row in top}
         await self._fetch_named_rows(rows, skills)
         self._cache.top, self._cache.rows = top, rows
@@ -277,9 +187,9 @@ class MetricsSource:
         finally:
             await cursor.close()
 
-    async def _fetch_skill_rows(self, sql: str, parameters: Sequence[Any]) -> list[dict[str, Any]]:
+    async def _fetchskill_rows(self, sql: str, parameters: Sequence[Any]) -> list[dict[str, Any]]:
         self.queries += 1
-        return [_skill_row(row) for row in await self._fetch(sql, parameters)]
+        return [skill_row(row) for row in await self._fetch(sql, parameters)]
 
     async def _fetch_named_rows(
         self, rows: dict[str, dict[str, Any] | None], skills: Iterable[str]
@@ -288,8 +198,8 @@ class MetricsSource:
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
             marks = ",".join("?" for _ in chunk)
-            sql = f"SELECT {_SKILL_COLUMNS} FROM skill_metrics WHERE skill_name IN ({marks})"  # noqa: S608
-            found = {row["skill_name"]: row for row in await self._fetch_skill_rows(sql, chunk)}
+            sql = f"SELECT {SKILL_COLUMNS} FROM skill_metrics WHERE skill_name IN ({marks})"  # noqa: S608
+            found = {row["skill_name"]: row for row in await self._fetchskill_rows(sql, chunk)}
             for name in chunk:
                 rows[name] = found.get(name)
 
@@ -297,11 +207,11 @@ class MetricsSource:
         since = now - ANOMALY_WINDOW
         self.queries += 1
         result = await self._fetch(
-            _TABLE_ANOMALIES_SQL,
+            TABLE_ANOMALIES_SQL,
             {
-                "prefix": _date_prefix(since),
-                "since": _julian_day(since),
-                "limit": _MAX_TABLE_ANOMALIES,
+                "prefix": date_prefix(since),
+                "since": julian_day(since),
+                "limit": MAX_TABLE_ANOMALIES,
             },
         )
         anomalies = []
@@ -312,12 +222,12 @@ class MetricsSource:
                         "skill_name": str(name),
                         "detected_at": str(detected_at),
                         "anomaly_type": str(kind),
-                        "deviation_score": _float_or_none(score),
-                        "baseline_value": _float_or_none(baseline),
-                        "observed_value": _float_or_none(observed),
+                        "deviation_score": float_or_none(score),
+                        "baseline_value": float_or_none(baseline),
+                        "observed_value": float_or_none(observed),
                         "source": "table",
                     },
-                    expires_at=_unix_time(float(detected_jd)) + ANOMALY_WINDOW,
+                    expires_at=unix_time(float(detected_jd)) + ANOMALY_WINDOW,
                     skill_name=str(name),
                 )
             )
@@ -328,11 +238,11 @@ class MetricsSource:
         baseline_start = now - settings.baseline_window
         self.queries += 1
         result = await self._fetch(
-            _WINDOW_STATS_SQL,
+            WINDOW_STATS_SQL,
             {
-                "prefix": _date_prefix(baseline_start),
-                "baseline": _julian_day(baseline_start),
-                "recent": _julian_day(now - settings.recent_window),
+                "prefix": date_prefix(baseline_start),
+                "baseline": julian_day(baseline_start),
+                "recent": julian_day(now - settings.recent_window),
                 "min_recent": settings.min_recent,
             },
         )
@@ -348,7 +258,7 @@ class MetricsSource:
                 baseline_timed=int(row[7] or 0),
                 baseline_duration_sum=float(row[8] or 0.0),
                 baseline_duration_sumsq=float(row[9] or 0.0),
-                last_recent_at=_unix_time(float(row[10])) if row[10] is not None else now,
+                last_recent_at=unix_time(float(row[10])) if row[10] is not None else now,
             )
             for row in result
         ]
@@ -420,7 +330,7 @@ class MetricsSource:
         anomalies = [
             a.payload for a in (*cache.live_anomalies, *cache.table_anomalies) if a.expires_at > now
         ]
-        anomalies.sort(key=_severity)
+        anomalies.sort(key=severity)
         return MetricsSnapshot(
             top_skills=cache.top,
             skills={name: cache.rows.get(name) for name in skills},
@@ -429,52 +339,3 @@ class MetricsSource:
             message=self._message,
             as_of=cache.as_of,
         )
-
-
-def _skill_row(row: Sequence[Any]) -> dict[str, Any]:
-    name, total, completed, rate, avg_duration, last_invoked = row
-    return {
-        "skill_name": str(name),
-        "total_invocations": _int_or_zero(total),
-        "completion_rate": _float_or_none(rate) or 0.0,
-        "avg_duration_seconds": _float_or_none(avg_duration, digits=3),
-        "completed_invocations": _int_or_zero(completed),
-        "last_invoked": None if last_invoked is None else str(last_invoked),
-    }
-
-
-def _severity(anomaly: dict[str, Any]) -> tuple[float, str]:
-    # Some detectors store drops as negative deviations: severity is the magnitude.
-    score = anomaly["deviation_score"]
-    return (-(abs(score) if score is not None else -1.0), anomaly["skill_name"])
-
-
-def _float_or_none(value: Any, digits: int = 2) -> float | None:
-    # NaN and infinity can be stored in SQLite but have no JSON form: read them as null.
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return round(number, digits) if math.isfinite(number) else None
-
-
-def _int_or_zero(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _julian_day(unix_time: float) -> float:
-    return unix_time / 86400.0 + _UNIX_EPOCH_JULIAN_DAY
-
-
-def _unix_time(julian_day: float) -> float:
-    return (julian_day - _UNIX_EPOCH_JULIAN_DAY) * 86400.0
-
-
-def _date_prefix(unix_time: float) -> str:
-    # One day earlier than the cutoff, so that any time-zone offset stays inside.
-    return (datetime.fromtimestamp(unix_time, UTC) - timedelta(days=1)).strftime("%Y-%m-%d")

@@ -16,10 +16,10 @@ from typing import Annotated, Any, Final, Literal, ParamSpec, Protocol, TypeVar
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
-from session_buddy_realtime.config import HOST_PATTERN
 from session_buddy_realtime.errors import RealtimeError
+from session_buddy_realtime.host.service import RealtimeService
+from session_buddy_realtime.host.settings import HOST_PATTERN
 from session_buddy_realtime.protocol import ProtocolError
-from session_buddy_realtime.service import RealtimeService
 
 __all__ = [
     "TOOL_NAMES",

@@ -22,8 +22,8 @@ from typing import Final
 
 import aiosqlite
 
+from session_buddy_realtime.data.schema import create_schema
 from session_buddy_realtime.errors import RealtimeError
-from session_buddy_realtime.schema import create_schema
 
 __all__ = [
     "DEFAULT_DEMO_DB_PATH",

@@ -14,16 +14,16 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from session_buddy_realtime.config import RealtimeSettings, load_settings
 from session_buddy_realtime.errors import (
     ConfigError,
     DatabaseNotFoundError,
     PortInUseError,
     RealtimeError,
 )
-from session_buddy_realtime.host import HostContext
+from session_buddy_realtime.hookspecs import HostContext
+from session_buddy_realtime.host.settings import RealtimeSettings, load_settings
 from session_buddy_realtime.protocol import WELCOME_TEXT, format_timestamp
-from session_buddy_realtime.server import RealTimeMetricsServer
+from session_buddy_realtime.stream.server import RealTimeMetricsServer
 
 __all__ = ["STATE_KEY", "RealtimeService", "service_for"]
 

@@ -1,0 +1,15 @@
+"""The host side: what a host runs to load plugins, and what this plugin does inside one.
+
+A host needs only what this package exports: ``HostContext`` (the contract's, from
+``hookspecs``), ``PluginHost`` and ``create_plugin_manager`` (``plugins.py``). The rest
+is this plugin's own work in a host: ``service.py`` (start, stop, status, snapshot,
+auto-start), ``tools.py`` (the MCP tools), ``settings.py`` (``SESSION_BUDDY_REALTIME_*``)
+and ``stdio.py`` (``session-buddy-realtime mcp``, a host of its own).
+"""
+
+from __future__ import annotations
+
+from session_buddy_realtime.hookspecs import HostContext, PluginFailure
+from session_buddy_realtime.host.plugins import PluginHost, create_plugin_manager, hookimpl
+
+__all__ = ["HostContext", "PluginFailure", "PluginHost", "create_plugin_manager", "hookimpl"]

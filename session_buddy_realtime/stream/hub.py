@@ -1,0 +1,330 @@
+"""The hub: fan-out of the source's state to every subscriber, on a fixed schedule.
+
+One task (the broadcaster) asks the source for the state once per tick, encodes each
+distinct payload once (one for "all skills", one per subscribed skill) and writes it to
+every interested connection without awaiting any of them. A connection whose write
+buffer is over ``max_buffered_bytes`` skips updates (it gets the newest one once it
+drains) and is closed when it stays that way for ``slow_client_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Set
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from websockets.asyncio.server import Server, ServerConnection, broadcast
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+
+from session_buddy_realtime.data.source import MetricsSnapshot, Source
+from session_buddy_realtime.protocol import (
+    CloseCode,
+    encode,
+    format_timestamp,
+    subscription_confirmed_message,
+)
+from session_buddy_realtime.stream.stats import StreamStats
+
+__all__ = ["Hub", "Subscriber"]
+
+logger = logging.getLogger(__name__)
+
+_SLOW_CLIENT_REASON: Final = "too slow: updates were not being read"
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    """One connection as the hub (and keepalive) see it."""
+
+    connection: ServerConnection
+    remote: str
+    connected_at: float
+    # The subscription: changed only through the hub.
+    subscribed: bool = True
+    skill: str | None = None
+    # Delivery, kept by the hub.
+    messages_sent: int = 0
+    updates_dropped: int = 0
+    congested_since: float | None = None
+    closing_since: float | None = None
+    # Keepalive, kept by ``Keepalive``.
+    ping_due: float = math.inf
+    pong_waiter: asyncio.Future[float] | None = None
+    ping_sent_at: float = 0.0
+
+
+S = TypeVar("S", bound=Subscriber)
+
+
+class Hub(Generic[S]):
+    """Subscribers by connection, the broadcaster, delivery, congestion and eviction.
+
+    Args:
+        source: Where the state comes from; the hub never knows more of it.
+        stats: Counters shared with the rest of the server.
+        interval: Seconds between ticks.
+        read_timeout: How long a tick waits for the source before it sends what it has.
+        max_buffered_bytes: A subscriber whose unsent data exceeds this skips updates.
+        slow_client_timeout: Seconds a subscriber may keep skipping before it is closed.
+        close_timeout: Seconds a closing handshake may take before the socket is dropped.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        stats: StreamStats,
+        *,
+        interval: float,
+        read_timeout: float,
+        max_buffered_bytes: int,
+        slow_client_timeout: float,
+        close_timeout: float,
+    ) -> None:
+        self.source = source
+        self.stats = stats
+        self.interval = interval
+        self.read_timeout = read_timeout
+        self.max_buffered_bytes = max_buffered_bytes
+        self.slow_client_timeout = slow_client_timeout
+        self.close_timeout = close_timeout
+        self.sessions: dict[ServerConnection, S] = {}
+        self._has_sessions = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._broadcaster: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # Membership
+
+    def add(self, session: S) -> None:
+        """Add a session (its subscription as it is: all skills by default)."""
+        self.sessions[session.connection] = session
+        self._has_sessions.set()
+        self.stats.connections_total += 1
+        logger.debug("client %s connected (%d now)", session.remote, len(self.sessions))
+
+    def remove(self, connection: ServerConnection) -> None:
+        """Forget a connection's session; harmless if it is unknown."""
+        session = self.sessions.pop(connection, None)
+        if not self.sessions:
+            self._has_sessions.clear()
+        if session is not None:
+            logger.debug("client %s left (%d now)", session.remote, len(self.sessions))
+
+    async def until_sessions(self, stopping: asyncio.Event) -> bool:
+        """Wait until a session is added (True) or ``stopping`` is set (False)."""
+        arrived = asyncio.ensure_future(self._has_sessions.wait())
+        stopped = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait({arrived, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrived.cancel()
+            stopped.cancel()
+        return not stopping.is_set()
+
+    # Subscriptions
+
+    async def read(self, skills: Set[str]) -> MetricsSnapshot:
+        """The source's state for ``skills``, within the tick's read timeout."""
+        return await self.source.read(skills, self.read_timeout)
+
+    async def subscribe(self, session: S, skill: str | None) -> None:
+        """Subscribe ``session`` to all skills (None) or one: confirm, then a snapshot."""
+        snapshot = await self.read(frozenset() if skill is None else {skill})
+        if self.sessions.get(session.connection) is not session:
+            return
+        timestamp = format_timestamp()
+        known: bool | None = None
+        if skill is not None and (snapshot.skills.get(skill) is not None or snapshot.fresh):
+            known = snapshot.skills.get(skill) is not None
+        confirmation = encode(
+            subscription_confirmed_message(timestamp=timestamp, skill=skill, known=known)
+        )
+        first_update = encode(snapshot.update(skill, timestamp))
+        # Both frames are written before anything else can run, so the confirmation
+        # always precedes the snapshot and every later update.
+        session.subscribed, session.skill = True, skill
+        broadcast([session.connection], confirmation)
+        broadcast([session.connection], first_update)
+        session.messages_sent += 2
+        self.stats.messages_sent += 2
+
+    def unsubscribe(self, session: S) -> None:
+        """Stop updates to ``session`` (it stays connected)."""
+        session.subscribed, session.skill = False, None
+
+    # The broadcaster
+
+    def start(self) -> None:
+        """Start the broadcaster task."""
+        self._stopping = asyncio.Event()
+        self._broadcaster = asyncio.create_task(
+            self.run(), name="session-buddy-realtime broadcaster"
+        )
+
+    async def run(self) -> None:
+        """Broadcast every ``interval`` until the hub stops.
+
+        Ticks keep a fixed phase: the time a tick takes does not shift the next one, and
+        a tick that overruns skips the slots it missed instead of bunching up.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.interval
+        stopping = self._stopping
+        next_tick = loop.time()
+        while not stopping.is_set():
+            if not self.sessions:
+                # Nobody connected: no ticks, no wake-ups, until a client arrives; it is
+                # served at once and the schedule restarts from there.
+                if not await self.until_sessions(stopping):
+                    return
+                next_tick = loop.time()
+            began = loop.time()
+            try:
+                await self._tick()
+            except Exception as exc:
+                # Top of the task: log, remember, and keep the cadence.
+                self.stats.record_error(f"broadcast tick: {exc!r}")
+                logger.exception("broadcast tick failed")
+            ended = loop.time()
+            self.stats.last_tick_at = format_timestamp()
+            self.stats.last_tick_seconds = round(ended - began, 6)
+            next_tick += interval
+            if next_tick <= ended:
+                missed = math.floor((ended - next_tick) / interval) + 1
+                self.stats.ticks_skipped += missed
+                next_tick += missed * interval
+            try:
+                async with asyncio.timeout_at(next_tick):
+                    await stopping.wait()
+            except TimeoutError:
+                pass
+
+    async def _tick(self) -> None:
+        groups: dict[str | None, list[S]] = {}
+        now = time.monotonic()
+        for session in self.sessions.values():
+            if session.connection.state is State.CLOSING:
+                self._drop_if_lingering(session, now)
+            elif session.subscribed:
+                groups.setdefault(session.skill, []).append(session)
+        self.stats.ticks += 1
+        if not groups:
+            self.stats.idle_ticks += 1
+            return
+        snapshot = await self.read({skill for skill in groups if skill is not None})
+        timestamp = format_timestamp()
+        for skill, members in groups.items():
+            frame = _text_frame(encode(snapshot.update(skill, timestamp)))
+            self._deliver(skill, members, frame)
+
+    def _deliver(self, skill: str | None, members: list[S], frame: bytes) -> None:
+        """Write one serialized frame to every member that keeps up, without awaiting.
+
+        ``frame`` is a complete WebSocket frame, built once for all. Writing it to the
+        transport is what the library's ``broadcast`` does for each connection after
+        serializing the same frame again; server frames are unmasked and, with compression
+        off, no extension alters them, so the bytes are identical. Each write is one whole
+        frame, so it never interleaves with the library's own (pings, replies, close).
+        """
+        now = time.monotonic()
+        limit = self.max_buffered_bytes
+        sent = 0
+        for session in members:
+            connection = session.connection
+            # Skip whoever left or changed subscription while the tick read the source.
+            if not session.subscribed or session.skill != skill:
+                continue
+            if connection.protocol.state is not State.OPEN:
+                continue
+            transport = connection.transport
+            if transport.get_write_buffer_size() > limit:
+                session.updates_dropped += 1
+                self.stats.updates_dropped += 1
+                if session.congested_since is None:
+                    session.congested_since = now
+                elif now - session.congested_since >= self.slow_client_timeout:
+                    self._evict(session)
+                continue
+            session.congested_since = None
+            session.messages_sent += 1
+            transport.write(frame)
+            sent += 1
+        self.stats.messages_sent += sent
+
+    def _drop_if_lingering(self, session: S, now: float) -> None:
+        # After a close the library starts itself (1009 for an oversized frame) it waits
+        # for the peer's close frame without a deadline; enforce close_timeout here.
+        if session.closing_since is None:
+            session.closing_since = now
+        elif now - session.closing_since >= self.close_timeout:
+            session.connection.transport.abort()
+
+    # Closing
+
+    def _evict(self, session: S) -> None:
+        if session.connection not in self.sessions:
+            return
+        self.remove(session.connection)
+        self.stats.clients_evicted += 1
+        logger.warning("closing client %s: %s", session.remote, _SLOW_CLIENT_REASON)
+        self.close_later(session.connection, CloseCode.POLICY_VIOLATION, _SLOW_CLIENT_REASON)
+
+    def close_later(self, connection: ServerConnection, code: int, reason: str) -> None:
+        """Close ``connection`` in the background, dropping it after ``close_timeout``."""
+        task = asyncio.create_task(self._close_within_timeout(connection, code, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_within_timeout(
+        self, connection: ServerConnection, code: int, reason: str
+    ) -> None:
+        # close() waits for the write buffer to drain, which a stuck client never lets
+        # happen: give it close_timeout, then drop the TCP connection.
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await connection.close(code, reason)
+        except TimeoutError:
+            connection.transport.abort()
+
+    async def close_all(self, listener: Server, connections: Set[ServerConnection]) -> None:
+        """Stop the broadcaster and close every connection, within ``close_timeout``.
+
+        ``connections`` are all the listener's open ones, handshakes included. Those still
+        in the handshake, and clients so far behind that a close frame would wait behind
+        their backlog, are dropped at once; the rest get 1001. Whoever has not finished
+        the closing handshake in ``close_timeout`` (a stuck client cannot even receive the
+        close frame) is dropped too. Every session is forgotten.
+        """
+        self._stopping.set()
+        task, self._broadcaster = self._broadcaster, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for connection in list(connections):
+            if (
+                connection.state is State.CONNECTING
+                or connection.transport.get_write_buffer_size() > self.max_buffered_bytes
+            ):
+                connection.transport.abort()
+        listener.close(close_connections=True, code=CloseCode.GOING_AWAY)
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await listener.wait_closed()
+        except TimeoutError:
+            for connection in list(connections):
+                connection.transport.abort()
+            await listener.wait_closed()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        self.sessions.clear()
+        self._has_sessions.clear()
+
+
+def _text_frame(text: str) -> bytes:
+    """One unmasked, unfragmented text frame, as the server side sends it."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])

@@ -1,0 +1,110 @@
+"""Keepalive: one task that pings every connection of the hub and closes dead ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Final, cast
+
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from session_buddy_realtime.protocol import CloseCode
+from session_buddy_realtime.stream.hub import Hub, Subscriber
+
+__all__ = ["Keepalive"]
+
+logger = logging.getLogger(__name__)
+
+# ping() waits for the buffer to drain once it passed the library's high-water mark;
+# below its low-water mark (a quarter of 32 KiB) it never waits.
+_PING_BUFFER_LIMIT: Final = 8 * 1024
+
+
+class Keepalive:
+    """Ping every client each ``interval``; close with 1011 one that stays silent.
+
+    One task for all connections. Each client's pings are due ``interval`` after it
+    connected and after each pong, so pings spread out instead of arriving in bursts.
+    Clients too far behind to read a ping are left to the hub's slow-client rule.
+
+    Args:
+        hub: Whose sessions to ping, and who closes them.
+        interval: Seconds between a client's pings.
+        timeout: Seconds to wait for a pong; None to wait for ever.
+    """
+
+    def __init__(self, hub: Hub[Any], *, interval: float, timeout: float | None) -> None:
+        self._hub = hub
+        self.interval = interval
+        self.timeout = timeout
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def schedule(self, session: Subscriber, now: float) -> None:
+        """Make a new session's first ping due one interval from ``now``."""
+        session.ping_due = now + self.interval
+
+    def start(self) -> None:
+        """Start the keepalive task."""
+        self._stopping = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="session-buddy-realtime keepalive")
+
+    async def stop(self) -> None:
+        """Stop the keepalive task; harmless when not started."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        hub, stopping = self._hub, self._stopping
+        step = min(1.0, self.interval / 4)
+        while not stopping.is_set():
+            if not hub.sessions and not await hub.until_sessions(stopping):
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(step):
+                    await stopping.wait()
+            now = time.monotonic()
+            for session in list(hub.sessions.values()):
+                try:
+                    await self._ping_one(session, now)
+                except ConnectionClosed:
+                    continue
+                except Exception as exc:  # one connection's trouble must not end keepalive
+                    hub.stats.record_error(f"keepalive: {exc!r}")
+                    logger.exception("keepalive failed for %s", session.remote)
+
+    async def _ping_one(self, session: Subscriber, now: float) -> None:
+        connection = session.connection
+        if connection.protocol.state is not State.OPEN:
+            return
+        waiter = session.pong_waiter
+        if waiter is not None:
+            if not waiter.done():
+                if self.timeout is not None and now - session.ping_sent_at > self.timeout:
+                    session.pong_waiter = None
+                    self._hub.close_later(
+                        connection, CloseCode.INTERNAL_ERROR, "keepalive ping timeout"
+                    )
+                return
+            session.pong_waiter = None
+            session.ping_due = now + self.interval
+        if now < session.ping_due:
+            return
+        if connection.transport.get_write_buffer_size() > _PING_BUFFER_LIMIT:
+            return
+        waiter = cast("asyncio.Future[float]", await connection.ping())
+        waiter.add_done_callback(_retrieve)
+        session.pong_waiter, session.ping_sent_at = waiter, now
+
+
+def _retrieve(future: asyncio.Future[float]) -> None:
+    # A pong that never comes ends with ConnectionClosed; read it so asyncio does not
+    # report it as never retrieved.
+    if not future.cancelled():
+        future.exception()

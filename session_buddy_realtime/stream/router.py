@@ -1,0 +1,62 @@
+"""The HTTP side of the listener: plain routes beside the WebSocket, on one port.
+
+``HttpRouter`` is the server's ``process_request``. Every request passes the gate's
+``admit`` checks (connection limits, Host). A plain request (no ``Upgrade: websocket``)
+for a registered path is answered by that route; anything else is a WebSocket
+handshake, checked by the gate's ``upgrade`` (Origin, token) and then handed to the hub
+through the connection handler. A route never touches the hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from session_buddy_realtime.stream.gate import HandshakeGate
+
+__all__ = ["HttpRouter", "Route"]
+
+Route = Callable[[ServerConnection, Request], Response | Awaitable[Response]]
+"""Answers one plain HTTP request; may be a coroutine function."""
+
+
+class HttpRouter:
+    """Routes requests to plain HTTP handlers or to the WebSocket handshake.
+
+    Args:
+        gate: The checks every request, and then every upgrade, must pass.
+    """
+
+    def __init__(self, gate: HandshakeGate) -> None:
+        self.gate = gate
+        self._routes: dict[str, Route] = {}
+
+    def add_route(self, path: str, route: Route) -> None:
+        """Answer plain requests for ``path`` (the query string is ignored) with ``route``."""
+        if not path.startswith("/"):
+            raise ValueError(f"invalid route path {path!r}: must start with '/'")
+        self._routes[path] = route
+
+    def __call__(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response] | None:
+        """Return a response (a refusal or a route's answer), or None to open a WebSocket."""
+        refusal = self.gate.admit(connection, request)
+        if refusal is not None:
+            return refusal
+        if self._routes and not _is_upgrade(request):
+            route = self._routes.get(urlsplit(request.path).path)
+            if route is not None:
+                return route(connection, request)
+        return self.gate.upgrade(connection, request)
+
+
+def _is_upgrade(request: Request) -> bool:
+    return any(
+        token.strip().lower() == "websocket"
+        for value in request.headers.get_all("Upgrade")
+        for token in value.split(",")
+    )

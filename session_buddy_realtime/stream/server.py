@@ -1,0 +1,450 @@
+"""``RealTimeMetricsServer``: the public API and lifecycle of the stream server.
+
+It composes the parts and owns nothing else: the source (the skills database, in
+``data/``), the hub (fan-out, ``hub.py``), one session per connection (``session.py``),
+keepalive (``keepalive.py``) and the HTTP side of the listener (``router.py``,
+``gate.py``). The seed's methods stay here, as thin delegates to those parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from session_buddy_realtime.data.database import DEFAULT_DB_PATH, DatabaseSource
+from session_buddy_realtime.data.detection import DetectionSettings
+from session_buddy_realtime.errors import PortInUseError, RealtimeError, ServerStartError
+from session_buddy_realtime.protocol import format_timestamp, validate_skill_name
+from session_buddy_realtime.stream.gate import (
+    ConnectionRegistry,
+    HandshakeGate,
+    tracking_connection_class,
+)
+from session_buddy_realtime.stream.hub import Hub
+from session_buddy_realtime.stream.keepalive import Keepalive
+from session_buddy_realtime.stream.router import HttpRouter
+from session_buddy_realtime.stream.security import (
+    RedactSecrets,
+    build_ssl_context,
+    is_loopback,
+    own_origins,
+)
+from session_buddy_realtime.stream.session import ClientSession, SessionPolicy
+from session_buddy_realtime.stream.stats import StreamStats
+
+__all__ = ["DEFAULT_DB_PATH", "RealTimeMetricsServer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Running:
+    """What a started server holds; dropped as a whole by ``stop()``."""
+
+    listener: Server
+    registry: ConnectionRegistry
+    started_at: float
+    started_monotonic: float
+
+
+class RealTimeMetricsServer:
+    """Stream live skill metrics from Session-Buddy's skills database over WebSocket.
+
+    Args:
+        host: Address to listen on. ``localhost`` listens on both IPv4 and IPv6 loopback.
+        port: Port to listen on; 0 picks a free one (see ``port`` after ``start()``).
+        db_path: Skills database, default ``.session-buddy/skills.db``. The server opens
+            it read-only and never creates it. Ignored when ``db`` is given.
+        update_interval: Seconds between broadcasts.
+        db: An open ``aiosqlite.Connection`` to use instead of opening one (the host's).
+            It is only read: never written, never closed, its ``row_factory`` untouched.
+        max_message_size: Largest client message in bytes; larger closes with 1009.
+        max_buffered_bytes: A client whose unsent data exceeds this skips updates.
+        slow_client_timeout: Seconds a client may keep skipping before it is closed (1008).
+        ping_interval: Seconds between keepalive pings.
+        ping_timeout: Seconds to wait for a pong before closing the connection.
+        open_timeout: Seconds allowed for the opening handshake.
+        close_timeout: Seconds to wait for a closing handshake before dropping the socket.
+        detection: Windows and thresholds of live anomaly detection.
+        token: Shared secret clients must present (header, query parameter or first
+            ``auth`` message); None for no authentication.
+        auth_timeout: Seconds a client has to authenticate before it is closed (4001).
+        ssl_certfile: PEM certificate (chain) to serve ``wss://``; None for plain ``ws://``.
+        ssl_keyfile: PEM private key, if not in ``ssl_certfile``.
+        allowed_origins: Browser origins allowed besides the server's own; ``*`` for any.
+            Clients that send no Origin (not browsers) are always allowed.
+        check_host_header: On a loopback address, refuse requests whose Host header names
+            another host (DNS rebinding).
+        max_connections: Open connections at most; None for 10,000 or what the open-file
+            limit allows.
+        max_connections_per_ip: Open connections from one address at most.
+        message_rate: Client messages per second allowed on average.
+        message_burst: Client messages allowed in a burst.
+    """
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 8765,
+        db_path: Path | str | None = None,
+        update_interval: float = 1.0,
+        *,
+        db: aiosqlite.Connection | None = None,
+        # Limits
+        max_message_size: int = 4096,
+        max_buffered_bytes: int = 64 * 1024,
+        slow_client_timeout: float = 10.0,
+        # Timeouts
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        open_timeout: float = 5.0,
+        close_timeout: float = 1.0,
+        # Data
+        detection: DetectionSettings | None = None,
+        # Security
+        token: str | None = None,
+        auth_timeout: float = 5.0,
+        ssl_certfile: Path | str | None = None,
+        ssl_keyfile: Path | str | None = None,
+        allowed_origins: Iterable[str] = (),
+        check_host_header: bool = True,
+        max_connections: int | None = None,
+        max_connections_per_ip: int = 1000,
+        message_rate: float = 10.0,
+        message_burst: int = 20,
+    ) -> None:
+        _require(isinstance(port, int) and 0 <= port <= 65535, "port", "an integer 0-65535")
+        _require(
+            update_interval > 0 and math.isfinite(update_interval),
+            "update_interval",
+            "a positive number of seconds",
+        )
+        _require(max_message_size >= 256, "max_message_size", "at least 256 bytes")
+        _require(max_buffered_bytes >= 1024, "max_buffered_bytes", "at least 1024 bytes")
+        _require(slow_client_timeout > 0, "slow_client_timeout", "positive")
+        _require(open_timeout > 0, "open_timeout", "positive")
+        _require(close_timeout > 0, "close_timeout", "positive")
+        _require(ping_interval is None or ping_interval > 0, "ping_interval", "positive or None")
+        _require(ping_timeout is None or ping_timeout > 0, "ping_timeout", "positive or None")
+        _require(token is None or len(token) >= 8, "token", "at least 8 characters")
+        _require(auth_timeout > 0, "auth_timeout", "positive")
+        _require(
+            ssl_keyfile is None or ssl_certfile is not None,
+            "ssl_keyfile",
+            "given together with ssl_certfile",
+        )
+        _require(max_connections is None or max_connections >= 1, "max_connections", ">= 1")
+        _require(max_connections_per_ip >= 1, "max_connections_per_ip", ">= 1")
+        _require(message_rate > 0 and math.isfinite(message_rate), "message_rate", "positive")
+        _require(message_burst >= 1, "message_burst", ">= 1")
+        self.host = host
+        self.port = port
+        self.db_path = Path(db_path) if db_path is not None else DEFAULT_DB_PATH
+        self.update_interval = float(update_interval)
+        self._max_message_size = max_message_size
+        self._open_timeout = open_timeout
+        self._close_timeout = close_timeout
+        self._token = token
+        self._ssl_certfile = None if ssl_certfile is None else Path(ssl_certfile)
+        self._ssl_keyfile = None if ssl_keyfile is None else Path(ssl_keyfile)
+        self._allowed_origins = {origin.rstrip("/") for origin in allowed_origins}
+        self._check_host_header = check_host_header
+        self._max_connections = max_connections or _default_max_connections()
+        self._max_connections_per_ip = max_connections_per_ip
+        self._policy = SessionPolicy(
+            token=token,
+            auth_timeout=auth_timeout,
+            message_rate=message_rate,
+            message_burst=message_burst,
+            update_interval=self.update_interval,
+        )
+        self._stats = StreamStats()
+        self._source = DatabaseSource(self.db_path, db=db, detection=detection)
+        self._hub: Hub[ClientSession] = Hub(
+            self._source,
+            self._stats,
+            interval=self.update_interval,
+            # How long a tick waits for a new read before sending the last good data.
+            read_timeout=0.8 * self.update_interval,
+            max_buffered_bytes=max_buffered_bytes,
+            slow_client_timeout=slow_client_timeout,
+            close_timeout=close_timeout,
+        )
+        self._keepalive = (
+            None
+            if ping_interval is None
+            else Keepalive(self._hub, interval=ping_interval, timeout=ping_timeout)
+        )
+        self._running: _Running | None = None
+        self._lifecycle = asyncio.Lock()
+
+    # Lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._running is not None
+
+    @property
+    def scheme(self) -> str:
+        """``wss`` with TLS, else ``ws``."""
+        return "wss" if self._ssl_certfile is not None else "ws"
+
+    @property
+    def urls(self) -> list[str]:
+        """The ``ws://`` addresses the server listens on (empty when stopped)."""
+        if self._running is None:
+            return []
+        urls = []
+        for sock in self._running.listener.sockets:
+            address, port = sock.getsockname()[:2]
+            shown = f"[{address}]" if ":" in address else address
+            urls.append(f"{self.scheme}://{shown}:{port}")
+        return urls
+
+    async def start(self) -> None:
+        """Open the database, listen, and start the broadcaster. Harmless when running.
+
+        Raises:
+            DatabaseNotFoundError: ``db_path`` does not exist (nothing is created).
+            PortInUseError: the address is taken.
+            ServerStartError: anything else that prevents listening; nothing is left open.
+        """
+        async with self._lifecycle:
+            if self._running is not None:
+                return
+            ssl_context = None
+            if self._ssl_certfile is not None:
+                ssl_context = build_ssl_context(self._ssl_certfile, self._ssl_keyfile)
+            await self._source.open()
+            self._stats.reset()
+            registry = ConnectionRegistry()
+            gate = HandshakeGate(
+                registry=registry,
+                max_connections=self._max_connections,
+                max_connections_per_ip=self._max_connections_per_ip,
+                token=self._token,
+                allowed_origins=set(self._allowed_origins),
+                check_host_header=self._check_host_header and is_loopback(self.host),
+                bound_host=self.host,
+                refused=self._stats.refused,
+            )
+            try:
+                listener = await serve(
+                    self.client_handler,
+                    self.host.strip("[]"),
+                    self.port,
+                    compression=None,
+                    max_size=self._max_message_size,
+                    max_queue=16,
+                    open_timeout=self._open_timeout,
+                    # One server-wide keepalive task replaces the library's task per
+                    # connection: less memory per client, pings spread over time.
+                    ping_interval=None,
+                    close_timeout=self._close_timeout,
+                    create_connection=tracking_connection_class(registry),
+                    process_request=HttpRouter(gate),
+                    ssl=ssl_context,
+                    logger=_websockets_logger(),
+                )
+            except OSError as exc:
+                await self._source.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUseError(
+                        f"port {self.port} on {self.host} is already in use; choose another "
+                        f"port or stop the process that holds it"
+                    ) from exc
+                raise ServerStartError(
+                    f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+                ) from exc
+            except BaseException:
+                await self._source.close()
+                raise
+            self._running = _Running(
+                listener=listener,
+                registry=registry,
+                started_at=time.time(),
+                started_monotonic=time.monotonic(),
+            )
+            if self.port == 0 and listener.sockets:
+                self.port = listener.sockets[0].getsockname()[1]
+            for sock in listener.sockets:
+                gate.allowed_origins |= own_origins(sock.getsockname()[1])
+            self._hub.start()
+            if self._keepalive is not None:
+                self._keepalive.start()
+            logger.info("listening on %s", ", ".join(self.urls))
+            if not is_loopback(self.host) and self._token is None and ssl_context is None:
+                logger.warning(
+                    "listening on %s, which is not a loopback address, with neither a token "
+                    "nor TLS: anyone who can reach this port can read the metrics; set a "
+                    "token (SESSION_BUDDY_REALTIME_TOKEN) and TLS, or bind to localhost",
+                    self.host,
+                )
+
+    async def stop(self) -> None:
+        """Close every client (1001), stop the broadcaster, release the port and DB.
+
+        Prompt and bounded by ``close_timeout``; harmless when not running. Closes the
+        database connection only if the server opened it.
+        """
+        async with self._lifecycle:
+            running, self._running = self._running, None
+            if running is None:
+                return
+            if self._keepalive is not None:
+                await self._keepalive.stop()
+            await self._hub.close_all(running.listener, running.registry.connections)
+            await self._source.close()
+            logger.info("stopped")
+
+    # The seed's methods: thin delegates to the session and the hub.
+
+    def register_client(self, websocket: ServerConnection) -> ClientSession:
+        """Add a client, subscribed to all skills (the seed's default); return its session."""
+        now = time.monotonic()
+        session = ClientSession.open(websocket, self._hub, self._policy, now)
+        if self._keepalive is not None:
+            self._keepalive.schedule(session, now)
+        self._hub.add(session)
+        return session
+
+    def unregister_client(self, websocket: ServerConnection) -> None:
+        """Forget a client; harmless if it is unknown."""
+        self._hub.remove(websocket)
+
+    async def client_handler(self, websocket: ServerConnection) -> None:
+        """Serve one connection (``ClientSession.serve``) from welcome to close."""
+        session = self.register_client(websocket)
+        running = self._running
+        try:
+            await session.serve(
+                preauthenticated=running is not None
+                and websocket in running.registry.preauthenticated
+            )
+        finally:
+            self.unregister_client(websocket)
+
+    async def handle_client_message(
+        self, websocket: ServerConnection, message: str | bytes
+    ) -> None:
+        """Answer one message of a registered client (``ClientSession.handle``)."""
+        session = self._hub.sessions.get(websocket)
+        if session is not None:
+            await session.handle(message)
+
+    async def handle_subscription(
+        self, websocket: ServerConnection, skill_name: str | None
+    ) -> None:
+        """Subscribe a registered client (``ClientSession.subscribe``): confirm, then a snapshot."""
+        session = self._hub.sessions.get(websocket)
+        if session is not None:
+            await session.subscribe(skill_name)
+
+    async def broadcast_metrics(self) -> None:
+        """Broadcast every ``update_interval`` until ``stop()`` (``Hub.run``).
+
+        ``start()`` already runs it in the background.
+        """
+        if self._running is None:
+            raise RealtimeError("broadcast_metrics() runs only while the server is running")
+        await self._hub.run()
+
+    # Introspection
+
+    async def snapshot(self, skill: str | None = None) -> dict[str, Any]:
+        """Return the ``metrics_update`` a client subscribed to ``skill`` would get now."""
+        if self._running is None:
+            raise RealtimeError("the realtime server is not running; start it first")
+        skill = validate_skill_name(skill)
+        snapshot = await self._hub.read(frozenset() if skill is None else {skill})
+        return snapshot.update(skill, format_timestamp())
+
+    def status(self) -> dict[str, Any]:
+        """Return a JSON-ready description of the server, its clients and counters."""
+        running = self._running
+        stats = self._stats
+        now = time.monotonic()
+        sessions = self._hub.sessions.values()
+        return {
+            "running": running is not None,
+            "urls": self.urls,
+            "host": self.host,
+            "port": self.port,
+            "update_interval": self.update_interval,
+            "started_at": None
+            if running is None
+            else format_timestamp(datetime.fromtimestamp(running.started_at, UTC)),
+            "uptime_seconds": None
+            if running is None
+            else round(now - running.started_monotonic, 3),
+            "clients": [session.describe(now) for session in sessions],
+            "client_count": len(sessions),
+            "connections": 0 if running is None else len(running.registry.connections),
+            "ticks": stats.ticks,
+            "idle_ticks": stats.idle_ticks,
+            "ticks_skipped": stats.ticks_skipped,
+            "messages_sent": stats.messages_sent,
+            "updates_dropped": stats.updates_dropped,
+            "clients_evicted": stats.clients_evicted,
+            "connections_total": stats.connections_total,
+            "last_tick_at": stats.last_tick_at,
+            "last_tick_seconds": stats.last_tick_seconds,
+            "errors": stats.errors,
+            "last_error": stats.last_error,
+            "auth_enabled": self._token is not None,
+            "tls_enabled": self._ssl_certfile is not None,
+            "auth_failures": stats.auth_failures,
+            "rate_limited": stats.rate_limited,
+            "refused": dict(stats.refused),
+            "database": self._source.describe(),
+        }
+
+
+def _websockets_logger() -> logging.Logger:
+    # The library logs request lines at debug level, query string (token) included.
+    library = logging.getLogger("session_buddy_realtime.websockets")
+    if not any(isinstance(f, RedactSecrets) for f in library.filters):
+        library.addFilter(RedactSecrets())
+    return library
+
+
+def _default_max_connections() -> int:
+    # Leave room for the database, logs and the host's own files.
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 10_000
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(1, min(10_000, soft - 64))
+
+
+def _require(condition: bool, setting: str, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid {setting}: must be {expected}")

@@ -1,0 +1,230 @@
+"""A client session: one per connection, from the welcome to the last message.
+
+The session authenticates the client (at the handshake or with a first ``auth``
+message), applies the message rate limit, parses and answers each message, and asks
+the hub to subscribe or unsubscribe it. Bad input gets an ``error`` reply, never a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from session_buddy_realtime._version import __version__
+from session_buddy_realtime.protocol import (
+    Auth,
+    CloseCode,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    authenticated_message,
+    connected_message,
+    encode,
+    error_message,
+    format_timestamp,
+    parse_client_message,
+    pong_message,
+    unsubscribed_message,
+    validate_skill_name,
+)
+from session_buddy_realtime.stream.hub import Hub, Subscriber
+from session_buddy_realtime.stream.security import RateLimiter, tokens_match
+
+__all__ = ["ClientSession", "SessionPolicy"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """What every session of one server applies."""
+
+    token: str | None
+    auth_timeout: float
+    message_rate: float
+    message_burst: int
+    update_interval: float
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class ClientSession(Subscriber):
+    """One connected client: its authentication, rate limit and messages."""
+
+    hub: Hub[ClientSession]
+    policy: SessionPolicy
+    limiter: RateLimiter
+    authenticated: bool = False
+    rate_violations: int = 0
+
+    @classmethod
+    def open(
+        cls,
+        connection: ServerConnection,
+        hub: Hub[ClientSession],
+        policy: SessionPolicy,
+        now: float,
+    ) -> ClientSession:
+        """A session for a new connection, subscribed to all skills (the seed's default)."""
+        remote = connection.remote_address
+        shown = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
+        return cls(
+            connection=connection,
+            remote=shown,
+            connected_at=now,
+            hub=hub,
+            policy=policy,
+            limiter=RateLimiter(policy.message_rate, policy.message_burst),
+        )
+
+    @property
+    def may_use(self) -> bool:
+        """True when the client may do more than authenticate."""
+        return self.policy.token is None or self.authenticated
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """Return this client as shown in ``status()``."""
+        return {
+            "remote": self.remote,
+            "connected_for_seconds": round(now - self.connected_at, 3),
+            "subscription": (self.skill or "all") if self.subscribed else None,
+            "authenticated": self.authenticated,
+            "messages_sent": self.messages_sent,
+            "updates_dropped": self.updates_dropped,
+            "congested": self.congested_since is not None,
+        }
+
+    async def serve(self, *, preauthenticated: bool) -> None:
+        """Welcome the client, authenticate it if required, then answer its messages.
+
+        Messages over the rate limit get one ``rate_limited`` error; a client that keeps
+        going is closed with 1008. Returns when the connection closes.
+        """
+        connection = self.connection
+        try:
+            self.authenticated = preauthenticated
+            self.subscribed = self.policy.token is None or self.authenticated
+            welcome = connected_message(
+                timestamp=format_timestamp(),
+                server_version=__version__,
+                update_interval=self.policy.update_interval,
+                subscription="all" if self.subscribed else None,
+                authenticated=self.authenticated,
+                auth_required=self.policy.token is not None,
+            )
+            await self.reply(welcome)
+            if not self.subscribed and not await self._authenticate():
+                return
+            async for message in connection:
+                if not await self._within_rate():
+                    return
+                await self.handle(message)
+        except ConnectionClosed:
+            pass
+
+    async def handle(self, message: str | bytes) -> None:
+        """Answer one client message; bad input gets an ``error`` reply, never a close."""
+        try:
+            request = parse_client_message(message)
+        except ProtocolError as exc:
+            await self.reply_error(exc.code, exc.message)
+            return
+        if not isinstance(request, Auth) and not self.may_use:
+            await self.reply_error(
+                ErrorCode.NOT_AUTHENTICATED,
+                'authenticate first: send {"type": "auth", "token": "..."}',
+            )
+            return
+        try:
+            if isinstance(request, Subscribe):
+                await self.subscribe(request.skill)
+            elif isinstance(request, Unsubscribe):
+                self.hub.unsubscribe(self)
+                await self.reply(unsubscribed_message(timestamp=format_timestamp()))
+            elif isinstance(request, Ping):
+                await self.reply(pong_message(timestamp=format_timestamp()))
+            elif isinstance(request, Auth):
+                await self._check_token(request.token)
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            # Our fault, not the client's: keep the connection and the server going.
+            self.hub.stats.record_error(f"handling {type(request).__name__.lower()}: {exc!r}")
+            logger.exception("internal error answering %s", type(request).__name__.lower())
+            await self.reply_error(ErrorCode.INTERNAL_ERROR, "internal error; see the server log")
+
+    async def subscribe(self, skill_name: object) -> None:
+        """Subscribe to all skills (None) or one: confirmation, then a snapshot at once."""
+        try:
+            skill = validate_skill_name(skill_name)
+        except ProtocolError as exc:
+            await self.reply_error(exc.code, exc.message)
+            return
+        if self.may_use:
+            await self.hub.subscribe(self, skill)
+
+    async def reply(self, message: dict[str, Any]) -> None:
+        """Send one message to this client."""
+        # Awaiting the send pauses reading from this client until it drains: a client
+        # that floods without reading slows only itself.
+        await self.connection.send(encode(message))
+        self.hub.stats.messages_sent += 1
+        self.messages_sent += 1
+
+    async def reply_error(self, code: ErrorCode, text: str) -> None:
+        """Send an ``error`` message; the connection stays open."""
+        await self.reply(error_message(code, text, timestamp=format_timestamp()))
+
+    async def _authenticate(self) -> bool:
+        """Serve only ``auth`` until the client authenticates; close it (4001) otherwise."""
+        try:
+            async with asyncio.timeout(self.policy.auth_timeout):
+                async for message in self.connection:
+                    if not await self._within_rate():
+                        return False
+                    # Everything but a valid auth gets not_authenticated (or closes 4001).
+                    await self.handle(message)
+                    if self.authenticated:
+                        return True
+        except TimeoutError:
+            self.hub.stats.auth_failures += 1
+            await self.connection.close(CloseCode.AUTH_FAILED, "authentication timeout")
+        return False
+
+    async def _check_token(self, token: str) -> None:
+        expected = self.policy.token
+        if expected is not None and not tokens_match(token, expected):
+            self.hub.stats.auth_failures += 1
+            logger.info("client %s failed to authenticate", self.remote)
+            await self.connection.close(CloseCode.AUTH_FAILED, "authentication failed")
+            return
+        self.authenticated = expected is not None
+        if not self.subscribed:
+            self.subscribed, self.skill = True, None
+        await self.reply(authenticated_message(timestamp=format_timestamp()))
+
+    async def _within_rate(self) -> bool:
+        """Apply the message rate limit; False once the client has been closed for it."""
+        if self.limiter.allow():
+            self.rate_violations = 0
+            return True
+        self.rate_violations += 1
+        self.hub.stats.rate_limited += 1
+        policy = self.policy
+        if self.rate_violations == 1:
+            await self.reply_error(
+                ErrorCode.RATE_LIMITED,
+                f"too many messages: at most {policy.message_rate:g} per second "
+                f"(bursts of {policy.message_burst}); this message was ignored",
+            )
+        elif self.rate_violations > policy.message_burst:
+            logger.warning("closing client %s: message rate limit exceeded", self.remote)
+            await self.connection.close(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
+            return False
+        return True
