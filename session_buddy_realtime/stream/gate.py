@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import resource
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,7 +27,12 @@ from session_buddy_realtime.stream.security import (
     tokens_match,
 )
 
-__all__ = ["ConnectionRegistry", "HandshakeGate", "tracking_connection_class"]
+__all__ = [
+    "ConnectionRegistry",
+    "HandshakeGate",
+    "default_max_connections",
+    "tracking_connection_class",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +143,15 @@ class HandshakeGate:
         self.refused[reason] += 1
         logger.debug("refused a connection from %s: %s", _ip_of(connection), reason)
         return connection.respond(status, text + "\n")
+
+
+def default_max_connections() -> int:
+    """10,000 connections, or fewer when the open-file limit is lower."""
+    # Leave room for the database, logs and the host's own files.
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 10_000
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(1, min(10_000, soft - 64))

@@ -17,7 +17,7 @@ from collections.abc import Set
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
-from websockets.asyncio.server import Server, ServerConnection, broadcast
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
@@ -141,17 +141,18 @@ class Hub(Generic[S]):
         known: bool | None = None
         if skill is not None and (snapshot.skills.get(skill) is not None or snapshot.fresh):
             known = snapshot.skills.get(skill) is not None
-        confirmation = encode(
-            subscription_confirmed_message(timestamp=timestamp, skill=skill, known=known)
+        confirmation = _text_frame(
+            encode(subscription_confirmed_message(timestamp=timestamp, skill=skill, known=known))
         )
-        first_update = encode(snapshot.update(skill, timestamp))
+        first_update = _text_frame(encode(snapshot.update(skill, timestamp)))
         # Both frames are written before anything else can run, so the confirmation
         # always precedes the snapshot and every later update.
         session.subscribed, session.skill = True, skill
-        broadcast([session.connection], confirmation)
-        broadcast([session.connection], first_update)
-        session.messages_sent += 2
-        self.stats.messages_sent += 2
+        connection = session.connection
+        if connection.protocol.state is State.OPEN:
+            connection.transport.write(confirmation + first_update)
+            session.messages_sent += 2
+            self.stats.messages_sent += 2
 
     def unsubscribe(self, session: S) -> None:
         """Stop updates to ``session`` (it stays connected)."""

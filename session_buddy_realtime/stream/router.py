@@ -1,4 +1,4 @@
-"""The HTTP side of the listener: plain routes beside the WebSocket, on one port.
+"""The listener and its HTTP side: plain routes beside the WebSocket, on one port.
 
 ``HttpRouter`` is the server's ``process_request``. Every request passes the gate's
 ``admit`` checks (connection limits, Host). A plain request (no ``Upgrade: websocket``)
@@ -9,15 +9,19 @@ through the connection handler. A route never touches the hub.
 
 from __future__ import annotations
 
+import errno
+import ssl
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from session_buddy_realtime.stream.gate import HandshakeGate
+from session_buddy_realtime.errors import PortInUseError, ServerStartError
+from session_buddy_realtime.stream.gate import HandshakeGate, tracking_connection_class
+from session_buddy_realtime.stream.security import redacting_logger
 
-__all__ = ["HttpRouter", "Route"]
+__all__ = ["HttpRouter", "Route", "listen"]
 
 Route = Callable[[ServerConnection, Request], Response | Awaitable[Response]]
 """Answers one plain HTTP request; may be a coroutine function."""
@@ -52,6 +56,50 @@ class HttpRouter:
             if route is not None:
                 return route(connection, request)
         return self.gate.upgrade(connection, request)
+
+
+async def listen(
+    handler: Callable[[ServerConnection], Awaitable[None]],
+    host: str,
+    port: int,
+    *,
+    router: HttpRouter,
+    ssl_context: ssl.SSLContext | None,
+    max_message_size: int,
+    open_timeout: float,
+    close_timeout: float,
+) -> Server:
+    """Listen on ``host``:``port``: requests go through ``router``, WebSockets to ``handler``.
+
+    Raises:
+        PortInUseError: the address is taken.
+        ServerStartError: anything else that prevents listening.
+    """
+    try:
+        return await serve(
+            handler,
+            host.strip("[]"),
+            port,
+            compression=None,
+            max_size=max_message_size,
+            max_queue=16,
+            open_timeout=open_timeout,
+            # One server-wide keepalive task replaces the library's task per
+            # connection: less memory per client, pings spread over time.
+            ping_interval=None,
+            close_timeout=close_timeout,
+            create_connection=tracking_connection_class(router.gate.registry),
+            process_request=router,
+            ssl=ssl_context,
+            logger=redacting_logger("session_buddy_realtime.websockets"),
+        )
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"port {port} on {host} is already in use; choose another "
+                f"port or stop the process that holds it"
+            ) from exc
+        raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def _is_upgrade(request: Request) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "is_loopback",
     "origin_allowed",
     "own_origins",
+    "redacting_logger",
     "tokens_match",
 ]
 
@@ -156,3 +157,12 @@ def redact(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(r"\1[redacted]", text)
     return text
+
+
+def redacting_logger(name: str) -> logging.Logger:
+    """The logger ``name`` with ``RedactSecrets`` on it (added once)."""
+    # The WebSocket library logs request lines at debug level, query string (token) included.
+    library = logging.getLogger(name)
+    if not any(isinstance(f, RedactSecrets) for f in library.filters):
+        library.addFilter(RedactSecrets())
+    return library

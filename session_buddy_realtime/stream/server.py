@@ -1,18 +1,15 @@
 """``RealTimeMetricsServer``: the public API and lifecycle of the stream server.
 
-It composes the parts and owns nothing else: the source (the skills database, in
-``data/``), the hub (fan-out, ``hub.py``), one session per connection (``session.py``),
-keepalive (``keepalive.py``) and the HTTP side of the listener (``router.py``,
-``gate.py``). The seed's methods stay here, as thin delegates to those parts.
+It composes the parts and owns nothing else: the source (``data/``), the hub
+(``hub.py``), a session per connection (``session.py``), keepalive (``keepalive.py``)
+and the HTTP side (``router.py``, ``gate.py``). The seed's methods are thin delegates.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import math
-import resource
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,26 +19,22 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiosqlite
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection
 
 from session_buddy_realtime.data.database import DEFAULT_DB_PATH, DatabaseSource
 from session_buddy_realtime.data.detection import DetectionSettings
-from session_buddy_realtime.errors import PortInUseError, RealtimeError, ServerStartError
+from session_buddy_realtime.data.source import Source
+from session_buddy_realtime.errors import RealtimeError
 from session_buddy_realtime.protocol import format_timestamp, validate_skill_name
 from session_buddy_realtime.stream.gate import (
     ConnectionRegistry,
     HandshakeGate,
-    tracking_connection_class,
+    default_max_connections,
 )
 from session_buddy_realtime.stream.hub import Hub
 from session_buddy_realtime.stream.keepalive import Keepalive
-from session_buddy_realtime.stream.router import HttpRouter
-from session_buddy_realtime.stream.security import (
-    RedactSecrets,
-    build_ssl_context,
-    is_loopback,
-    own_origins,
-)
+from session_buddy_realtime.stream.router import HttpRouter, listen
+from session_buddy_realtime.stream.security import build_ssl_context, is_loopback, own_origins
 from session_buddy_realtime.stream.session import ClientSession, SessionPolicy
 from session_buddy_realtime.stream.stats import StreamStats
 
@@ -79,6 +72,8 @@ class RealTimeMetricsServer:
         open_timeout: Seconds allowed for the opening handshake.
         close_timeout: Seconds to wait for a closing handshake before dropping the socket.
         detection: Windows and thresholds of live anomaly detection.
+        source: Where the state comes from instead of the skills database (an edge's
+            feed, a test's fake); ``db_path``, ``db`` and ``detection`` are then unused.
         token: Shared secret clients must present (header, query parameter or first
             ``auth`` message); None for no authentication.
         auth_timeout: Seconds a client has to authenticate before it is closed (4001).
@@ -114,6 +109,7 @@ class RealTimeMetricsServer:
         close_timeout: float = 1.0,
         # Data
         detection: DetectionSettings | None = None,
+        source: Source | None = None,
         # Security
         token: str | None = None,
         auth_timeout: float = 5.0,
@@ -162,7 +158,7 @@ class RealTimeMetricsServer:
         self._ssl_keyfile = None if ssl_keyfile is None else Path(ssl_keyfile)
         self._allowed_origins = {origin.rstrip("/") for origin in allowed_origins}
         self._check_host_header = check_host_header
-        self._max_connections = max_connections or _default_max_connections()
+        self._max_connections = max_connections or default_max_connections()
         self._max_connections_per_ip = max_connections_per_ip
         self._policy = SessionPolicy(
             token=token,
@@ -172,7 +168,11 @@ class RealTimeMetricsServer:
             update_interval=self.update_interval,
         )
         self._stats = StreamStats()
-        self._source = DatabaseSource(self.db_path, db=db, detection=detection)
+        self._source: Source = (
+            source
+            if source is not None
+            else DatabaseSource(self.db_path, db=db, detection=detection)
+        )
         self._hub: Hub[ClientSession] = Hub(
             self._source,
             self._stats,
@@ -255,33 +255,16 @@ class RealTimeMetricsServer:
                 refused=self._stats.refused,
             )
             try:
-                listener = await serve(
+                listener = await listen(
                     self.client_handler,
-                    self.host.strip("[]"),
+                    self.host,
                     self.port,
-                    compression=None,
-                    max_size=self._max_message_size,
-                    max_queue=16,
+                    router=HttpRouter(gate),
+                    ssl_context=ssl_context,
+                    max_message_size=self._max_message_size,
                     open_timeout=self._open_timeout,
-                    # One server-wide keepalive task replaces the library's task per
-                    # connection: less memory per client, pings spread over time.
-                    ping_interval=None,
                     close_timeout=self._close_timeout,
-                    create_connection=tracking_connection_class(registry),
-                    process_request=HttpRouter(gate),
-                    ssl=ssl_context,
-                    logger=_websockets_logger(),
                 )
-            except OSError as exc:
-                await self._source.close()
-                if exc.errno == errno.EADDRINUSE:
-                    raise PortInUseError(
-                        f"port {self.port} on {self.host} is already in use; choose another "
-                        f"port or stop the process that holds it"
-                    ) from exc
-                raise ServerStartError(
-                    f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
-                ) from exc
             except BaseException:
                 await self._source.close()
                 raise
@@ -388,7 +371,6 @@ class RealTimeMetricsServer:
     def status(self) -> dict[str, Any]:
         """Return a JSON-ready description of the server, its clients and counters."""
         running = self._running
-        stats = self._stats
         now = time.monotonic()
         sessions = self._hub.sessions.values()
         return {
@@ -406,43 +388,11 @@ class RealTimeMetricsServer:
             "clients": [session.describe(now) for session in sessions],
             "client_count": len(sessions),
             "connections": 0 if running is None else len(running.registry.connections),
-            "ticks": stats.ticks,
-            "idle_ticks": stats.idle_ticks,
-            "ticks_skipped": stats.ticks_skipped,
-            "messages_sent": stats.messages_sent,
-            "updates_dropped": stats.updates_dropped,
-            "clients_evicted": stats.clients_evicted,
-            "connections_total": stats.connections_total,
-            "last_tick_at": stats.last_tick_at,
-            "last_tick_seconds": stats.last_tick_seconds,
-            "errors": stats.errors,
-            "last_error": stats.last_error,
+            **self._stats.describe(),
             "auth_enabled": self._token is not None,
             "tls_enabled": self._ssl_certfile is not None,
-            "auth_failures": stats.auth_failures,
-            "rate_limited": stats.rate_limited,
-            "refused": dict(stats.refused),
             "database": self._source.describe(),
         }
-
-
-def _websockets_logger() -> logging.Logger:
-    # The library logs request lines at debug level, query string (token) included.
-    library = logging.getLogger("session_buddy_realtime.websockets")
-    if not any(isinstance(f, RedactSecrets) for f in library.filters):
-        library.addFilter(RedactSecrets())
-    return library
-
-
-def _default_max_connections() -> int:
-    # Leave room for the database, logs and the host's own files.
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):
-        return 10_000
-    if soft == resource.RLIM_INFINITY:
-        return 10_000
-    return max(1, min(10_000, soft - 64))
 
 
 def _require(condition: bool, setting: str, expected: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from session_buddy_realtime.protocol import format_timestamp
 
@@ -38,6 +39,12 @@ class StreamStats:
         fresh = StreamStats()
         for each in fields(self):
             setattr(self, each.name, getattr(fresh, each.name))
+
+    def describe(self) -> dict[str, Any]:
+        """The counters as shown in ``status()``."""
+        described = {each.name: getattr(self, each.name) for each in fields(self)}
+        described["refused"] = dict(self.refused)
+        return described
 
     def record_error(self, message: str) -> None:
         """Count an internal error and keep it, timestamped, as ``last_error``."""
