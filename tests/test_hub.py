@@ -1,0 +1,126 @@
+"""The hub fed by a fake source, over real sockets: it serves whatever the source says."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from session_buddy_realtime import RealTimeMetricsServer
+from session_buddy_realtime.data.source import SourceState
+from tests.conftest import INTERVAL, ClientFactory, url_of, wait_until
+from tests.fakes import FakeSource, anomaly, skill_row
+
+FakeServerFactory = Callable[[FakeSource], Awaitable[RealTimeMetricsServer]]
+
+
+@pytest.fixture
+async def serve_fake() -> AsyncIterator[FakeServerFactory]:
+    """Start servers on port 0 that read from a ``FakeSource``; stopped afterwards."""
+    started: list[RealTimeMetricsServer] = []
+
+    async def _start(source: FakeSource) -> RealTimeMetricsServer:
+        server = RealTimeMetricsServer("127.0.0.1", 0, update_interval=INTERVAL, source=source)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield _start
+    for server in started:
+        await server.stop()
+
+
+async def test_each_subscription_gets_the_sources_state_for_it(
+    serve_fake: FakeServerFactory, open_client: ClientFactory
+) -> None:
+    """A client of all skills gets the source's top list and anomalies; a client of one
+    skill (outside the top list) gets only that skill's row and anomalies."""
+    source = FakeSource([skill_row(f"skill-{n:02d}", 100 - n) for n in range(12)])
+    source.anomalies = [anomaly("skill-11", 4.0), anomaly("skill-00", 3.0)]
+    server = await serve_fake(source)
+    everyone = await open_client(url_of(server))
+    one = await open_client(url_of(server))
+    await one.send_json({"type": "subscribe", "skill": "skill-11"})
+    await one.recv_type("subscription_confirmed")
+    mine = await one.recv_type("metrics_update")
+    assert mine["skill"] == "skill-11"
+    assert mine["data"]["top_skills"] == [source.rows["skill-11"]]
+    assert mine["data"]["anomalies"] == [source.anomalies[0]]
+    update = await everyone.recv_type("metrics_update")
+    top = [row["skill_name"] for row in update["data"]["top_skills"]]
+    assert top == [f"skill-{n:02d}" for n in range(10)]
+    assert update["data"]["anomalies"] == source.anomalies
+
+
+async def test_the_hub_asks_only_for_subscribed_skills_within_the_read_deadline(
+    serve_fake: FakeServerFactory, open_client: ClientFactory
+) -> None:
+    """Each tick asks the source once, for exactly the skills clients subscribed to, and
+    allows it 80 % of the interval."""
+    source = FakeSource([skill_row("alpha", 5), skill_row("beta", 3)])
+    server = await serve_fake(source)
+    first = await open_client(url_of(server))
+    await first.send_json({"type": "subscribe", "skill": "beta"})
+    await first.recv_type("subscription_confirmed")
+    await first.recv_type("metrics_update")
+    second = await open_client(url_of(server))
+    await second.recv_type("metrics_update")
+    asked_from = len(source.asked)
+    await first.recv_type("metrics_update")
+    await first.recv_type("metrics_update")
+    tick_reads = source.asked[asked_from:]
+    assert tick_reads, "the ticks read the source"
+    assert {skills for skills, _ in tick_reads} == {frozenset({"beta"})}
+    assert [within for _, within in tick_reads] == [pytest.approx(0.8 * INTERVAL)] * len(tick_reads)
+    assert len(tick_reads) <= server.status()["ticks"]
+
+
+async def test_stale_state_from_the_source_reaches_clients_as_it_is(
+    serve_fake: FakeServerFactory, open_client: ClientFactory
+) -> None:
+    """The hub does not judge the state: a source that says busy, with its reason, is
+    shown busy and stale to clients, and fresh again when the source recovers."""
+    source = FakeSource([skill_row("alpha", 5)])
+    server = await serve_fake(source)
+    client = await open_client(url_of(server))
+    await client.recv_type("metrics_update")
+    source.state, source.message = SourceState.BUSY, "the feed is late"
+    while (update := await client.recv_type("metrics_update"))["source"]["state"] != "busy":
+        pass
+    assert update["source"]["stale"] is True
+    assert update["source"]["message"] == "the feed is late"
+    assert update["data"]["top_skills"] == [source.rows["alpha"]]
+    source.state, source.message = SourceState.OK, None
+    while (update := await client.recv_type("metrics_update"))["source"]["state"] != "ok":
+        pass
+    assert update["source"]["stale"] is False
+
+
+async def test_a_source_that_raises_costs_one_tick(
+    serve_fake: FakeServerFactory, open_client: ClientFactory
+) -> None:
+    """A read that raises is counted as an error; the next tick delivers again."""
+    source = FakeSource([skill_row("alpha", 5)])
+    server = await serve_fake(source)
+    client = await open_client(url_of(server))
+    await client.recv_type("metrics_update")
+    source.fail_next = RuntimeError("the feed broke")
+    await wait_until(lambda: server.status()["errors"] == 1)
+    assert "the feed broke" in server.status()["last_error"]
+    update = await client.recv_type("metrics_update")
+    assert update["data"]["top_skills"] == [source.rows["alpha"]]
+
+
+async def test_the_server_opens_and_closes_its_source_with_each_run(
+    serve_fake: FakeServerFactory,
+) -> None:
+    """start() opens the source and stop() closes it, once per run; status() shows the
+    source's own description."""
+    source = FakeSource()
+    server = await serve_fake(source)
+    assert (source.opened, source.closed) == (1, 0)
+    assert server.status()["database"] == source.describe()
+    await server.stop()
+    assert (source.opened, source.closed) == (1, 1)
+    await server.start()
+    assert (source.opened, source.closed) == (2, 1)
