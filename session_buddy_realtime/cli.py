@@ -162,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Closing the terminal or the ssh session sends SIGHUP; Ctrl-\ sends SIGQUIT. Each stops
+# the server as cleanly as Ctrl-C: close frames to every client, the demo writer stopped.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     db_path: Path = args.db or (DEFAULT_DEMO_DB_PATH if args.demo else DEFAULT_DB_PATH)
     writer: DemoWriter | None = None
@@ -196,7 +201,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     writer_task = asyncio.create_task(writer.run()) if writer is not None else None
     print(f"Streaming skill metrics from {db_path} on {', '.join(server.urls)}", flush=True)
@@ -219,7 +224,7 @@ async def _serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await writer_task
         await server.stop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
     print("Stopped.", flush=True)
     return 1 if writer_failed else 0

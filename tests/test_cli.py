@@ -301,6 +301,28 @@ def test_ctrl_c_stops_serve_cleanly_and_frees_the_port(spawn: Spawn, tmp_path: P
     assert "created demo database" not in again.process.stderr.text, "reuses the demo DB"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT], ids=str)
+def test_every_stop_signal_stops_serve_as_cleanly_as_ctrl_c(
+    spawn: Spawn, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM, SIGHUP (terminal or ssh session closed) and SIGQUIT each close the clients
+    with 1001, stop the demo writer and exit 0 with "Stopped.", leaving the database intact."""
+    server = serve_demo(spawn, "--port", "0")
+    watcher = spawn("watch", "--url", server.url)
+    watcher.stdout.wait_for("connected: ", STARTUP)
+
+    server.process.popen.send_signal(signum)
+    status = server.process.wait(60 * UNIT)
+
+    assert status == 0, server.process.stderr.text
+    assert server.process.stdout.lines[-1] == "Stopped."
+    assert "Traceback" not in server.process.stderr.text
+    watcher.stderr.wait_for(r"^connection lost \(closed with 1001\); reconnecting", 40 * UNIT)
+    watcher.kill()
+    with contextlib.closing(sqlite3.connect(tmp_path / ".session-buddy" / "demo-skills.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 def test_serve_missing_database_exits_1_naming_it(tmp_path: Path) -> None:
     """``serve`` without ``--demo`` refuses a database file that does not exist."""
     missing = tmp_path / "nowhere" / "skills.db"
