@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -124,3 +125,42 @@ async def test_the_server_opens_and_closes_its_source_with_each_run(
     assert (source.opened, source.closed) == (1, 1)
     await server.start()
     assert (source.opened, source.closed) == (2, 1)
+
+
+
+async def test_a_group_that_cannot_be_encoded_does_not_starve_the_others(
+    serve_fake: FakeServerFactory,
+    open_client: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A skill whose state turns unencodable (a non-finite number) costs only its own
+    subscribers: clients of all skills and of another skill keep getting every update,
+    and the failure is logged once, not every tick, and once more when it ends."""
+    caplog.set_level(logging.INFO, logger="session_buddy_realtime")
+    rows = [skill_row(f"busy-{n}", 100 + n) for n in range(10)]
+    source = FakeSource([*rows, skill_row("quiet", 2), skill_row("fragile", 1)])
+    server = await serve_fake(source)
+    everyone = await open_client(url_of(server))
+    clients = {}
+    for skill in ("quiet", "fragile"):
+        clients[skill] = await open_client(url_of(server))
+        await clients[skill].send_json({"type": "subscribe", "skill": skill})
+        await clients[skill].recv_type("subscription_confirmed")
+        await clients[skill].recv_type("metrics_update")
+    source.rows["fragile"]["avg_duration_seconds"] = float("inf")
+    await wait_until(lambda: server.status()["errors"] >= 1)
+    errors_from, ticks_from = server.status()["errors"], server.status()["ticks"]
+    for _ in range(3):
+        assert len((await everyone.recv_type("metrics_update"))["data"]["top_skills"]) == 10
+        assert (await clients["quiet"].recv_type("metrics_update"))["skill"] == "quiet"
+    status = server.status()
+    assert status["errors"] - errors_from == status["ticks"] - ticks_from, "one per tick"
+    assert "skill 'fragile'" in status["last_error"]
+    source.rows["fragile"]["avg_duration_seconds"] = 1.5
+    recovered = await clients["fragile"].recv_type("metrics_update")
+    assert recovered["data"]["top_skills"] == [source.rows["fragile"]]
+    logged = [r.getMessage() for r in caplog.records if "fragile" in r.getMessage()]
+    assert logged == [
+        "broadcast to skill 'fragile' failed (skipped until it recovers)",
+        "broadcast to skill 'fragile' works again",
+    ]

@@ -1,6 +1,6 @@
 """Live anomaly detection: z-scores of a recent window against a baseline window.
 
-Pure functions over per-skill window statistics, which ``metrics.py`` aggregates in
+Pure functions over per-skill window statistics, which ``queries.py`` aggregates in
 SQL. Two signals are checked for every skill with enough data in both windows:
 
 * completion rate (``drop``): the recent rate against the baseline rate (smoothed as

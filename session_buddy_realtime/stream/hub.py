@@ -97,6 +97,7 @@ class Hub(Generic[S]):
         self._stopping = asyncio.Event()
         self._broadcaster: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._failing_groups: set[str | None] = set()
 
     # Membership
 
@@ -220,8 +221,29 @@ class Hub(Generic[S]):
         snapshot = await self.read({skill for skill in groups if skill is not None})
         timestamp = format_timestamp()
         for skill, members in groups.items():
-            frame = _text_frame(encode(snapshot.update(skill, timestamp)))
-            self._deliver(skill, members, frame)
+            # One group's failure (a payload that cannot be encoded, say) must not cost
+            # the other groups their update.
+            try:
+                frame = _text_frame(encode(snapshot.update(skill, timestamp)))
+                self._deliver(skill, members, frame)
+            except Exception as exc:
+                self._group_failed(skill, exc)
+            else:
+                self._group_recovered(skill)
+
+    def _group_failed(self, skill: str | None, exc: Exception) -> None:
+        group = "all skills" if skill is None else f"skill {skill!r}"
+        self.stats.record_error(f"broadcast tick, {group}: {exc!r}")
+        if skill not in self._failing_groups:
+            # Logged once when it starts and once when it ends, not every tick.
+            self._failing_groups.add(skill)
+            logger.error("broadcast to %s failed (skipped until it recovers)", group, exc_info=exc)
+
+    def _group_recovered(self, skill: str | None) -> None:
+        if self._failing_groups and skill in self._failing_groups:
+            self._failing_groups.discard(skill)
+            group = "all skills" if skill is None else f"skill {skill!r}"
+            logger.info("broadcast to %s works again", group)
 
     def _deliver(self, skill: str | None, members: list[S], frame: bytes) -> None:
         """Write one serialized frame to every member that keeps up, without awaiting.
