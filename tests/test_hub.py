@@ -127,7 +127,6 @@ async def test_the_server_opens_and_closes_its_source_with_each_run(
     assert (source.opened, source.closed) == (2, 1)
 
 
-
 async def test_a_group_that_cannot_be_encoded_does_not_starve_the_others(
     serve_fake: FakeServerFactory,
     open_client: ClientFactory,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -309,6 +311,41 @@ async def test_rate_limit_errors_first_then_closes(start_server: ServerFactory) 
             await client.send_json({"type": "ping"})
         assert await expect_close(ws) == (1008, "message rate limit exceeded")
     assert server.status()["rate_limited"] >= 6
+
+
+async def test_a_client_just_over_the_rate_is_closed_and_never_answered_over_it(
+    start_server: ServerFactory,
+) -> None:
+    """A client pinging at three times the limit, paced (so that allowed messages mix
+    with refused ones), is answered only as often as the limit allows and is closed with
+    1008 once it is a burst over, within about burst / excess rate seconds."""
+    rate, burst = 20.0, 5
+    server = await start_server(message_rate=rate, message_burst=burst, update_interval=60.0)
+    async with connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv()
+        replies: list[dict[str, object]] = []
+
+        async def read() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    replies.append(await client.recv())
+
+        reader = asyncio.create_task(read())
+        began = time.monotonic()
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(400):  # 20 s at 3x the rate: far longer than the close takes
+                await client.send_json({"type": "ping"})
+                await asyncio.sleep(1 / (3 * rate))
+        await reader
+        elapsed = time.monotonic() - began
+    assert ws.close_code == 1008
+    assert ws.close_reason == "message rate limit exceeded"
+    pongs = sum(reply["type"] == "pong" for reply in replies)
+    assert pongs <= burst + rate * elapsed + 1
+    assert [r.get("code") for r in replies if r["type"] == "error"] == ["rate_limited"]
+    # Tokens run out after burst / (3r - r) s; the close follows burst more refusals.
+    assert elapsed < 40 * UNIT
 
 
 # The CLI

@@ -120,24 +120,32 @@ def build_ssl_context(certfile: Path, keyfile: Path | None) -> ssl.SSLContext:
 
 @dataclass(slots=True)
 class RateLimiter:
-    """A token bucket: ``rate`` messages per second on average, bursts up to ``burst``."""
+    """A token bucket: ``rate`` messages per second on average, bursts up to ``burst``.
+
+    ``violations`` counts the messages refused since the bucket was last full, that is
+    since the client last kept within the limit long enough to earn a whole burst back.
+    """
 
     rate: float
     burst: int
     tokens: float = field(init=False)
     updated: float = field(init=False, default_factory=time.monotonic)
+    violations: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.tokens = float(self.burst)
 
     def allow(self, now: float | None = None) -> bool:
-        """Take one token if there is one."""
+        """Take one token if there is one; count a violation if not."""
         now = time.monotonic() if now is None else now
         self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+        if self.tokens >= self.burst:
+            self.violations = 0
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True
+        self.violations += 1
         return False
 
 

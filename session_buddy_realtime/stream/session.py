@@ -61,7 +61,6 @@ class ClientSession(Subscriber):
     policy: SessionPolicy
     limiter: RateLimiter
     authenticated: bool = False
-    rate_violations: int = 0
 
     @classmethod
     def open(
@@ -122,9 +121,8 @@ class ClientSession(Subscriber):
             if not self.subscribed and not await self._authenticate():
                 return
             async for message in connection:
-                if not await self._within_rate():
-                    return
-                await self.handle(message)
+                if await self._admit():
+                    await self.handle(message)
         except ConnectionClosed:
             pass
 
@@ -186,8 +184,8 @@ class ClientSession(Subscriber):
         try:
             async with asyncio.timeout(self.policy.auth_timeout):
                 async for message in self.connection:
-                    if not await self._within_rate():
-                        return False
+                    if not await self._admit():
+                        continue
                     # Everything but a valid auth gets not_authenticated (or closes 4001).
                     await self.handle(message)
                     if self.authenticated:
@@ -209,22 +207,25 @@ class ClientSession(Subscriber):
             self.subscribed, self.skill = True, None
         await self.reply(authenticated_message(timestamp=format_timestamp()))
 
-    async def _within_rate(self) -> bool:
-        """Apply the message rate limit; False once the client has been closed for it."""
-        if self.limiter.allow():
-            self.rate_violations = 0
+    async def _admit(self) -> bool:
+        """Apply the message rate limit: True to answer the message, False to drop it.
+
+        A message over the limit is never answered. The first of a run gets one
+        ``rate_limited`` error; a client that goes on until it is ``message_burst``
+        messages over the limit (since it last kept within it) is closed with 1008.
+        """
+        limiter = self.limiter
+        if limiter.allow():
             return True
-        self.rate_violations += 1
         self.hub.stats.rate_limited += 1
         policy = self.policy
-        if self.rate_violations == 1:
+        if limiter.violations == 1:
             await self.reply_error(
                 ErrorCode.RATE_LIMITED,
                 f"too many messages: at most {policy.message_rate:g} per second "
                 f"(bursts of {policy.message_burst}); this message was ignored",
             )
-        elif self.rate_violations > policy.message_burst:
+        elif limiter.violations > policy.message_burst:
             logger.warning("closing client %s: message rate limit exceeded", self.remote)
             await self.connection.close(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
-            return False
-        return True
+        return False
