@@ -1,76 +1,173 @@
 """What happens before a WebSocket opens: connection accounting and handshake checks.
 
-``ConnectionRegistry`` sees every TCP connection (handshake finished or not), so limits
-count half-open ones and ``stop()`` can drop them. ``HandshakeGate`` refuses, with an
-HTTP status, connections over the limits and requests whose Host is not allowed
-(``admit``, for every request), then upgrades whose Origin is not allowed and tokens
-that do not match (``upgrade``). ``HttpRouter`` (``router.py``) calls them in turn.
+``ConnectionRegistry`` sees every TCP connection from its accept, and drops at once
+those over the socket caps (per address, and in all), so a flood of half-open sockets
+cannot exhaust the open-file limit. ``HandshakeGate`` refuses, with an HTTP status,
+malformed requests (400), requests over the limits and Hosts not allowed (``admit``,
+for every request), then upgrades whose Origin is not allowed and tokens that do not
+match (``upgrade``). ``HttpRouter`` (``router.py``) calls them in turn. Only admitted
+WebSockets count against ``max_connections``, so a burst of handshakes admits exactly
+as many as the limit says.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import logging
 import resource
+import socket
+import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Final
 
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.stream.security import (
+    AuthThrottle,
     handshake_token,
     host_header_allowed,
+    host_of,
     origin_allowed,
     tokens_match,
 )
 
 __all__ = [
+    "SEND_BUFFER_BYTES",
     "ConnectionRegistry",
     "HandshakeGate",
     "default_max_connections",
+    "drop",
+    "pending_allowance",
     "tracking_connection_class",
 ]
 
 logger = logging.getLogger(__name__)
 
+SEND_BUFFER_BYTES: Final = 32 * 1024
+"""``SO_SNDBUF`` of every accepted socket (Linux doubles it for its bookkeeping): the kernel
+holds at most this much unsent data per client, instead of autotuning up to megabytes."""
+_PER_IP_SLACK: Final = 16
+_LOG_EVERY: Final = 1.0
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+def pending_allowance(max_connections: int) -> int:
+    """Sockets allowed beyond ``max_connections`` while their handshakes are in flight."""
+    return max(16, min(1024, max_connections // 10))
+
 
 @dataclass(eq=False)
 class ConnectionRegistry:
-    """Open TCP connections of one server, and how many come from each address."""
+    """Open TCP connections of one server, per address, and the admitted WebSockets.
 
+    Args:
+        max_sockets: TCP connections at most, handshakes included; more are dropped at once.
+        max_sockets_per_ip: The same, for one address.
+        write_limit: Unsent bytes at which a connection that sends more is dropped.
+    """
+
+    max_sockets: int = 1 << 30
+    max_sockets_per_ip: int = 1 << 30
+    write_limit: int = 1 << 30
     connections: set[ServerConnection] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
+    admitted: set[ServerConnection] = field(default_factory=set)
     preauthenticated: set[ServerConnection] = field(default_factory=set)
+    dropped: Counter[str] = field(default_factory=Counter)
 
     def add(self, connection: ServerConnection) -> None:
+        """Count a connection just accepted; drop it if it is over a socket cap."""
+        ip = ip_of(connection)
         self.connections.add(connection)
-        self.per_ip[_ip_of(connection)] += 1
+        self.per_ip[ip] += 1
+        if self.per_ip[ip] > self.max_sockets_per_ip:
+            self.drop(connection, "too_many_sockets_from_ip")
+        elif len(self.connections) > self.max_sockets:
+            self.drop(connection, "too_many_sockets")
 
     def remove(self, connection: ServerConnection) -> None:
+        """Forget a connection that closed."""
         if connection in self.connections:
             self.connections.discard(connection)
-            ip = _ip_of(connection)
+            ip = ip_of(connection)
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
+        self.admitted.discard(connection)
         self.preauthenticated.discard(connection)
 
+    def drop(self, connection: ServerConnection, reason: str) -> None:
+        """Reset ``connection`` at once and count it under ``reason``."""
+        self.dropped[reason] += 1
+        drop(connection)
 
-def _ip_of(connection: ServerConnection) -> str:
+    @classmethod
+    def for_limits(
+        cls,
+        max_connections: int,
+        max_connections_per_ip: int,
+        *,
+        max_buffered_bytes: int,
+        dropped: Counter[str],
+    ) -> ConnectionRegistry:
+        """A registry whose socket caps leave room for the handshakes of these limits.
+
+        A client that sends while twice ``max_buffered_bytes`` (where the hub starts
+        skipping its updates) waits for it is not reading: it is dropped.
+        """
+        return cls(
+            max_sockets=max_connections + pending_allowance(max_connections),
+            max_sockets_per_ip=max_connections_per_ip + _PER_IP_SLACK,
+            write_limit=2 * max_buffered_bytes,
+            dropped=dropped,
+        )
+
+
+def ip_of(connection: ServerConnection) -> str:
+    """The peer's address, or "unknown"."""
     peer = connection.transport.get_extra_info("peername") if connection.transport else None
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
 
+def drop(connection: ServerConnection) -> None:
+    """Reset a connection at once, discarding what the kernel still holds for it."""
+    transport = connection.transport
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # SO_LINGER 0: close() sends RST and frees the send buffer instead of leaving
+        # the socket in FIN-WAIT-1 with its backlog.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
 def tracking_connection_class(registry: ConnectionRegistry) -> type[ServerConnection]:
-    """A ServerConnection that enters ``registry`` on TCP accept and leaves on close."""
+    """A ServerConnection that enters ``registry`` on accept and leaves on close.
+
+    Its kernel send buffer is capped at ``SEND_BUFFER_BYTES``, and it is dropped when the
+    peer sends data (a ping frame each time, say) while ``write_limit`` bytes are waiting
+    for it: a client that does not read cannot make the server queue replies for ever.
+    """
 
     class TrackedConnection(ServerConnection):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             super().connection_made(transport)
             registry.add(self)
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.get_write_buffer_size() > registry.write_limit:
+                registry.drop(self, "not_reading")
+                return
+            super().data_received(data)
 
         def connection_lost(self, exc: Exception | None) -> None:
             registry.remove(self)
@@ -91,25 +188,35 @@ class HandshakeGate:
     check_host_header: bool
     bound_host: str
     refused: Counter[str] = field(default_factory=Counter)
+    throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    _logged_at: dict[str, float] = field(default_factory=dict)
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Checks for any request: connection limits and the Host header."""
-        if len(self.registry.connections) > self.max_connections:
+        """Checks for any request: well-formed, within the limits, and the Host header."""
+        headers = request.headers
+        hosts = headers.get_all("Host")
+        if len(hosts) > 1 or len(headers.get_all("Origin")) > 1:
+            return self._malformed(connection, "a repeated Host or Origin header")
+        host = host_of(hosts[0]) if hosts else None
+        if hosts and host is None:
+            return self._malformed(connection, "a malformed Host header")
+        if len(self.registry.admitted) >= self.max_connections:
             return self._refuse(
                 connection,
                 "too_many_connections",
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "server is at its connection limit; try again later",
             )
-        if self.registry.per_ip[_ip_of(connection)] > self.max_connections_per_ip:
+        if self.registry.per_ip[ip_of(connection)] > self.max_connections_per_ip:
             return self._refuse(
                 connection,
                 "too_many_connections_from_ip",
                 http.HTTPStatus.TOO_MANY_REQUESTS,
                 "too many connections from your address",
             )
-        headers: Headers = request.headers
-        if self.check_host_header and not host_header_allowed(headers.get("Host"), self.bound_host):
+        if self.check_host_header and (
+            host is None or not host_header_allowed(host, self.bound_host)
+        ):
             return self._refuse(
                 connection,
                 "host_not_allowed",
@@ -120,8 +227,9 @@ class HandshakeGate:
 
     def upgrade(self, connection: ServerConnection, request: Request) -> Response | None:
         """Checks for a WebSocket upgrade: the Origin and the token, if one is sent."""
-        headers: Headers = request.headers
-        if not origin_allowed(headers.get("Origin"), self.allowed_origins):
+        headers = request.headers
+        origins = headers.get_all("Origin")
+        if not origin_allowed(origins[0] if origins else None, self.allowed_origins):
             return self._refuse(
                 connection,
                 "origin_not_allowed",
@@ -130,28 +238,55 @@ class HandshakeGate:
             )
         provided = handshake_token(headers.raw_items(), request.path)
         if provided is not None and self.token is not None:
+            ip = ip_of(connection)
+            wait = self.throttle.wait(ip)
+            if wait > 0:
+                return self._refuse(
+                    connection,
+                    "auth_throttled",
+                    http.HTTPStatus.TOO_MANY_REQUESTS,
+                    f"too many failed authentication attempts; retry in {wait:.0f} s",
+                )
             if not tokens_match(provided, self.token):
+                self.throttle.failed(ip)
                 return self._refuse(
                     connection, "bad_token", http.HTTPStatus.UNAUTHORIZED, "invalid token"
                 )
+            self.throttle.succeeded(ip)
             self.registry.preauthenticated.add(connection)
+        self.registry.admitted.add(connection)
         return None
+
+    def _malformed(self, connection: ServerConnection, what: str) -> Response:
+        return self._refuse(
+            connection, "malformed_request", http.HTTPStatus.BAD_REQUEST, f"bad request: {what}"
+        )
 
     def _refuse(
         self, connection: ServerConnection, reason: str, status: http.HTTPStatus, text: str
     ) -> Response:
         self.refused[reason] += 1
-        logger.debug("refused a connection from %s: %s", _ip_of(connection), reason)
+        # At most one line a second per reason: a flood of bad requests cannot flood the log.
+        now = time.monotonic()
+        if now - self._logged_at.get(reason, -_LOG_EVERY) >= _LOG_EVERY:
+            self._logged_at[reason] = now
+            logger.debug(
+                "refused a connection from %s: %s (%d so far)",
+                ip_of(connection),
+                reason,
+                self.refused[reason],
+            )
         return connection.respond(status, text + "\n")
 
 
 def default_max_connections() -> int:
     """10,000 connections, or fewer when the open-file limit is lower."""
-    # Leave room for the database, logs and the host's own files.
+    # Leave room for handshakes in flight, the database, logs and the host's own files.
     try:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):
         return 10_000
     if soft == resource.RLIM_INFINITY:
         return 10_000
-    return max(1, min(10_000, soft - 64))
+    usable = soft - 128
+    return max(1, min(10_000, usable - pending_allowance(usable)))

@@ -28,6 +28,7 @@ from session_buddy_realtime.protocol import (
     format_timestamp,
     subscription_confirmed_message,
 )
+from session_buddy_realtime.stream.gate import drop
 from session_buddy_realtime.stream.stats import StreamStats
 
 __all__ = ["Hub", "Subscriber"]
@@ -208,12 +209,22 @@ class Hub(Generic[S]):
 
     async def _tick(self) -> None:
         groups: dict[str | None, list[S]] = {}
+        backed_up: list[S] = []
         now = time.monotonic()
+        limit = self.max_buffered_bytes
         for session in self.sessions.values():
-            if session.connection.state is State.CLOSING:
+            connection = session.connection
+            if connection.state is State.CLOSING:
                 self._drop_if_lingering(session, now)
             elif session.subscribed:
                 groups.setdefault(session.skill, []).append(session)
+            elif connection.transport.get_write_buffer_size() > limit:
+                # Not subscribed, yet not reading what it is sent (replies, pongs).
+                backed_up.append(session)
+            else:
+                session.congested_since = None
+        for session in backed_up:
+            self._congested(session, now)
         self.stats.ticks += 1
         if not groups:
             self.stats.idle_ticks += 1
@@ -268,16 +279,19 @@ class Hub(Generic[S]):
             if transport.get_write_buffer_size() > limit:
                 session.updates_dropped += 1
                 self.stats.updates_dropped += 1
-                if session.congested_since is None:
-                    session.congested_since = now
-                elif now - session.congested_since >= self.slow_client_timeout:
-                    self._evict(session)
+                self._congested(session, now)
                 continue
             session.congested_since = None
             session.messages_sent += 1
             transport.write(frame)
             sent += 1
         self.stats.messages_sent += sent
+
+    def _congested(self, session: S, now: float) -> None:
+        if session.congested_since is None:
+            session.congested_since = now
+        elif now - session.congested_since >= self.slow_client_timeout:
+            self._evict(session)
 
     def _drop_if_lingering(self, session: S, now: float) -> None:
         # After a close the library starts itself (1009 for an oversized frame) it waits
@@ -294,8 +308,10 @@ class Hub(Generic[S]):
             return
         self.remove(session.connection)
         self.stats.clients_evicted += 1
-        logger.warning("closing client %s: %s", session.remote, _SLOW_CLIENT_REASON)
-        self.close_later(session.connection, CloseCode.POLICY_VIOLATION, _SLOW_CLIENT_REASON)
+        logger.warning("dropping client %s: %s", session.remote, _SLOW_CLIENT_REASON)
+        # A close frame would wait behind the backlog the client does not read: reset
+        # the connection, which frees its buffers, the kernel's included, at once.
+        drop(session.connection)
 
     def close_later(self, connection: ServerConnection, code: int, reason: str) -> None:
         """Close ``connection`` in the background, dropping it after ``close_timeout``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -75,6 +76,10 @@ async def listen(
         PortInUseError: the address is taken.
         ServerStartError: anything else that prevents listening.
     """
+    extra: dict[str, Any] = {}
+    if ssl_context is not None:
+        # TLS handshakes get the same deadline as the WebSocket one (asyncio allows 60 s).
+        extra["ssl_handshake_timeout"] = open_timeout
     try:
         return await serve(
             handler,
@@ -92,6 +97,7 @@ async def listen(
             process_request=router,
             ssl=ssl_context,
             logger=redacting_logger("session_buddy_realtime.websockets"),
+            **extra,
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:

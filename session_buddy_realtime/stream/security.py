@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import ssl
@@ -18,27 +19,39 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.frames import Frame, Opcode
+
 from session_buddy_realtime.errors import ServerStartError
 
 __all__ = [
+    "AuthThrottle",
     "RateLimiter",
     "RedactSecrets",
     "build_ssl_context",
     "handshake_token",
     "host_header_allowed",
+    "host_of",
     "is_loopback",
     "origin_allowed",
     "own_origins",
     "redacting_logger",
     "tokens_match",
+    "warn_if_exposed",
 ]
+
+logger = logging.getLogger(__name__)
 
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.", "ip6-localhost"})
 _SECRET_PATTERNS: Final = (
-    re.compile(r"(?i)(token=)[^&\s\"']+"),
+    # Every query parameter value: the token's key may come percent-encoded (%74oken),
+    # which the parser decodes, so no key is trusted to be harmless.
+    re.compile(r"([?&][^=&\s\"']*=)[^&\s\"']+"),
+    re.compile(r"(?i)(authorization\s*:\s*)[^\r\n]+"),
     re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),
-    re.compile(r"(?i)(\"token\"\s*:\s*\")[^\"]*"),
 )
+# A JSON member "key": "value..." whose key may be written with escapes (\u0074oken).
+_JSON_MEMBER: Final = re.compile(r'"((?:[^"\\]|\\.)*)"(\s*:\s*")((?:[^"\\]|\\.)*)')
+_DATA_OPCODES: Final = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
 
 
 def tokens_match(provided: str, expected: str) -> bool:
@@ -70,16 +83,43 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def host_header_allowed(value: str | None, bound_host: str) -> bool:
-    """Check the Host header of a request to a loopback server (against DNS rebinding)."""
-    if not value:
-        return False
-    name = value.strip()
-    if name.startswith("["):
-        name = name[1 : name.find("]")] if "]" in name else name
-    elif name.count(":") == 1:
-        name = name.split(":", 1)[0]
+def host_of(value: str) -> str | None:
+    """The host name of a ``Host`` header value; None when the value is malformed."""
+    value = value.strip()
+    port = ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[1:end], value[end + 1 :]
+        if rest and not rest.startswith(":"):
+            return None
+        port = rest[1:]
+    elif value.count(":") == 1:
+        name, _, port = value.partition(":")
+    else:
+        name = value  # a bare IPv6 address, as some clients send it
+    if port and not (port.isdigit() and len(port) <= 5):
+        return None
+    if not name or any(char.isspace() or char in "/?#@" for char in name):
+        return None
+    return name
+
+
+def host_header_allowed(name: str, bound_host: str) -> bool:
+    """Check the Host of a request to a loopback server (against DNS rebinding)."""
     return is_loopback(name) or name.lower() == bound_host.strip("[]").lower()
+
+
+def warn_if_exposed(host: str, *, token: bool, tls: bool) -> None:
+    """Warn when a server off loopback has neither a token nor TLS."""
+    if not is_loopback(host) and not token and not tls:
+        logger.warning(
+            "listening on %s, which is not a loopback address, with neither a token "
+            "nor TLS: anyone who can reach this port can read the metrics; set a "
+            "token (SESSION_BUDDY_REALTIME_TOKEN) and TLS, or bind to localhost",
+            host,
+        )
 
 
 def own_origins(port: int) -> set[str]:
@@ -149,10 +189,57 @@ class RateLimiter:
         return False
 
 
+@dataclass(slots=True)
+class AuthThrottle:
+    """Failed authentication attempts per address, and how long the address must wait.
+
+    The first ``free`` failures cost nothing; each further one blocks the address twice as
+    long as the one before, from 1 s up to ``longest`` seconds. A success, or ``forget``
+    seconds without a failure, clears the address. At most ``max_addresses`` are kept.
+    """
+
+    free: int = 5
+    longest: float = 60.0
+    forget: float = 600.0
+    max_addresses: int = 10_000
+    _addresses: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    """address -> (failures, blocked until, last failure), oldest first."""
+
+    def wait(self, address: str, now: float | None = None) -> float:
+        """Seconds ``address`` must still wait before its next attempt (0 if none)."""
+        entry = self._addresses.get(address)
+        if entry is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, entry[1] - now)
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        """Record a failed attempt from ``address``."""
+        now = time.monotonic() if now is None else now
+        failures, _, last = self._addresses.pop(address, (0, 0.0, now))
+        failures = 1 if now - last > self.forget else failures + 1
+        blocked = (
+            0.0 if failures <= self.free else min(2.0 ** (failures - self.free - 1), self.longest)
+        )
+        self._addresses[address] = (failures, now + blocked, now)
+        while len(self._addresses) > self.max_addresses:
+            del self._addresses[next(iter(self._addresses))]
+
+    def succeeded(self, address: str) -> None:
+        """Clear ``address`` after a successful authentication."""
+        self._addresses.pop(address, None)
+
+
 class RedactSecrets(logging.Filter):
-    """Replace tokens in log records (query parameters, Bearer headers, JSON fields)."""
+    """Keep tokens out of log records: query values, Authorization headers, JSON fields,
+    and the contents of WebSocket data frames (which the library logs at debug level,
+    cut to their head and tail) entirely."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, Frame) and arg.opcode in _DATA_OPCODES for arg in record.args
+        ):
+            record.args = tuple(_frame_summary(arg) for arg in record.args)
         message = record.getMessage()
         redacted = redact(message)
         if redacted != message:
@@ -160,11 +247,27 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def _frame_summary(arg: object) -> object:
+    if isinstance(arg, Frame) and arg.opcode in _DATA_OPCODES:
+        return f"{arg.opcode.name} [{len(arg.data)} bytes, contents not logged]"
+    return arg
+
+
 def redact(text: str) -> str:
     """Return ``text`` with every token replaced by ``[redacted]``."""
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(r"\1[redacted]", text)
-    return text
+    return _JSON_MEMBER.sub(_redact_member, text)
+
+
+def _redact_member(match: re.Match[str]) -> str:
+    try:
+        key = json.loads(f'"{match.group(1)}"')
+    except ValueError:
+        key = match.group(1)
+    if not isinstance(key, str) or key.lower() != "token":
+        return match.group(0)
+    return f'"{match.group(1)}"{match.group(2)}[redacted]'
 
 
 def redacting_logger(name: str) -> logging.Logger:

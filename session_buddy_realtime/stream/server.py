@@ -1,8 +1,6 @@
-"""``RealTimeMetricsServer``: the public API and lifecycle of the stream server.
-
-It composes the parts and owns nothing else: the source (``data/``), the hub
-(``hub.py``), a session per connection (``session.py``), keepalive (``keepalive.py``)
-and the HTTP side (``router.py``, ``gate.py``). The seed's methods are thin delegates.
+"""``RealTimeMetricsServer``: the public API and lifecycle; it composes the source
+(``data/``), the hub, a session per connection, keepalive and the HTTP side (router,
+gate), and owns nothing else. The seed's methods are thin delegates to those parts.
 """
 
 from __future__ import annotations
@@ -34,7 +32,12 @@ from session_buddy_realtime.stream.gate import (
 from session_buddy_realtime.stream.hub import Hub
 from session_buddy_realtime.stream.keepalive import Keepalive
 from session_buddy_realtime.stream.router import HttpRouter, listen
-from session_buddy_realtime.stream.security import build_ssl_context, is_loopback, own_origins
+from session_buddy_realtime.stream.security import (
+    build_ssl_context,
+    is_loopback,
+    own_origins,
+    warn_if_exposed,
+)
 from session_buddy_realtime.stream.session import ClientSession, SessionPolicy
 from session_buddy_realtime.stream.stats import StreamStats
 
@@ -211,20 +214,16 @@ class RealTimeMetricsServer:
         return self._running is not None
 
     @property
-    def scheme(self) -> str:
-        """``wss`` with TLS, else ``ws``."""
-        return "wss" if self._ssl_certfile is not None else "ws"
-
-    @property
     def urls(self) -> list[str]:
         """The ``ws://`` addresses the server listens on (empty when stopped)."""
         if self._running is None:
             return []
+        scheme = "wss" if self._ssl_certfile is not None else "ws"
         urls = []
         for sock in self._running.listener.sockets:
             address, port = sock.getsockname()[:2]
             shown = f"[{address}]" if ":" in address else address
-            urls.append(f"{self.scheme}://{shown}:{port}")
+            urls.append(f"{scheme}://{shown}:{port}")
         return urls
 
     async def start(self) -> None:
@@ -243,7 +242,12 @@ class RealTimeMetricsServer:
                 ssl_context = build_ssl_context(self._ssl_certfile, self._ssl_keyfile)
             await self._source.open()
             self._stats.reset()
-            registry = ConnectionRegistry()
+            registry = ConnectionRegistry.for_limits(
+                self._max_connections,
+                self._max_connections_per_ip,
+                max_buffered_bytes=self._hub.max_buffered_bytes,
+                dropped=self._stats.refused,
+            )
             gate = HandshakeGate(
                 registry=registry,
                 max_connections=self._max_connections,
@@ -253,6 +257,7 @@ class RealTimeMetricsServer:
                 check_host_header=self._check_host_header and is_loopback(self.host),
                 bound_host=self.host,
                 refused=self._stats.refused,
+                throttle=self._policy.throttle,
             )
             try:
                 listener = await listen(
@@ -282,13 +287,7 @@ class RealTimeMetricsServer:
             if self._keepalive is not None:
                 self._keepalive.start()
             logger.info("listening on %s", ", ".join(self.urls))
-            if not is_loopback(self.host) and self._token is None and ssl_context is None:
-                logger.warning(
-                    "listening on %s, which is not a loopback address, with neither a token "
-                    "nor TLS: anyone who can reach this port can read the metrics; set a "
-                    "token (SESSION_BUDDY_REALTIME_TOKEN) and TLS, or bind to localhost",
-                    self.host,
-                )
+            warn_if_exposed(self.host, token=self._token is not None, tls=ssl_context is not None)
 
     async def stop(self) -> None:
         """Close every client (1001), stop the broadcaster, release the port and DB.

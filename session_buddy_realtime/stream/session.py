@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -35,7 +35,7 @@ from session_buddy_realtime.protocol import (
     validate_skill_name,
 )
 from session_buddy_realtime.stream.hub import Hub, Subscriber
-from session_buddy_realtime.stream.security import RateLimiter, tokens_match
+from session_buddy_realtime.stream.security import AuthThrottle, RateLimiter, tokens_match
 
 __all__ = ["ClientSession", "SessionPolicy"]
 
@@ -51,6 +51,8 @@ class SessionPolicy:
     message_rate: float
     message_burst: int
     update_interval: float
+    throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    """Failed attempts per address, shared with the handshake's token check."""
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -60,6 +62,7 @@ class ClientSession(Subscriber):
     hub: Hub[ClientSession]
     policy: SessionPolicy
     limiter: RateLimiter
+    ip: str = "unknown"
     authenticated: bool = False
 
     @classmethod
@@ -76,6 +79,7 @@ class ClientSession(Subscriber):
         return cls(
             connection=connection,
             remote=shown,
+            ip=str(remote[0]) if isinstance(remote, tuple) else "unknown",
             connected_at=now,
             hub=hub,
             policy=policy,
@@ -197,11 +201,20 @@ class ClientSession(Subscriber):
 
     async def _check_token(self, token: str) -> None:
         expected = self.policy.token
-        if expected is not None and not tokens_match(token, expected):
-            self.hub.stats.auth_failures += 1
-            logger.info("client %s failed to authenticate", self.remote)
-            await self.connection.close(CloseCode.AUTH_FAILED, "authentication failed")
-            return
+        if expected is not None:
+            throttle = self.policy.throttle
+            wait = throttle.wait(self.ip)
+            if wait > 0 or not tokens_match(token, expected):
+                self.hub.stats.auth_failures += 1
+                if wait > 0:
+                    reason = f"too many failed attempts; retry in {wait:.0f} s"
+                else:
+                    throttle.failed(self.ip)
+                    reason = "authentication failed"
+                logger.info("client %s failed to authenticate", self.remote)
+                await self.connection.close(CloseCode.AUTH_FAILED, reason)
+                return
+            throttle.succeeded(self.ip)
         self.authenticated = expected is not None
         if not self.subscribed:
             self.subscribed, self.skill = True, None
