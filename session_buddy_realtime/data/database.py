@@ -56,7 +56,9 @@ class DatabaseSource:
         self._reader: MetricsReader | None = None
         self._identity: tuple[int, int] | None = None
         self._read_task: asyncio.Task[MetricsSnapshot] | None = None
+        self._read_started = 0.0
         self._busy_since: float | None = None
+        self._replacement_seen: tuple[int, int] | None = None
 
     @property
     def owns_connection(self) -> bool:
@@ -108,41 +110,47 @@ class DatabaseSource:
     async def read(self, skills: Set[str], within: float) -> MetricsSnapshot:
         """Read the database, but never wait longer than ``within`` seconds.
 
-        At most one read is in flight: while one is still running (a writer holds a lock,
-        a query is slow), callers get the last good data flagged ``busy`` and the stream
-        keeps its cadence; the next call picks up the result once it is there.
+        At most one read is in flight. A caller that finds one running waits for it
+        until it has run for ``within`` seconds (or for its own deadline); only a read
+        that has really not answered for that long makes the data ``busy``: callers then
+        get the last good data flagged so, and the stream keeps its cadence.
         """
+        return await self._read(skills, time.monotonic() + within, within)
+
+    async def _read(self, skills: Set[str], deadline: float, within: float) -> MetricsSnapshot:
         reader = self._require_reader()
         if self.owns_connection and not await self._follow_file(reader):
             return reader.cached(skills)
-        # A read still running from an earlier tick is not waited for again, except for
-        # the very first data: an empty "busy" snapshot would help nobody.
-        wait = 0.0
+        now = time.monotonic()
         if self._read_task is None or self._read_task.done():
             self._read_task = asyncio.create_task(reader.read(skills))
-            wait = within
+            self._read_started = now
         task = self._read_task
-        if not reader.has_data:
+        wait = min(deadline, self._read_started + within) - now
+        if not reader.has_data:  # an empty "busy" snapshot would help nobody
             wait = max(wait, _FIRST_READ_WAIT)
-        done = (await asyncio.wait({task}, timeout=wait))[0] if wait else set()
+        done = (await asyncio.wait({task}, timeout=wait))[0] if wait > 0 else set()
         if task.cancelled():  # dropped because the database file was replaced
             return self._require_reader().cached(skills)
         if task in done and not skills <= task.result().skills.keys():
-            # The read that finished was started for other skills (an earlier tick).
-            return await self.read(skills, within)
+            # The read that finished was started for other skills (by another caller).
+            return await self._read(skills, max(deadline, time.monotonic()), within)
         if task in done:
             if self._busy_since is not None:
                 logger.info("skills database answering again")
                 self._busy_since = None
             return task.result()
+        waited = time.monotonic() - self._read_started
+        if waited < within:  # our own deadline came first: the read is not late yet
+            return reader.cached(skills)
         if self._busy_since is None:
-            self._busy_since = time.monotonic()
+            self._busy_since = self._read_started
             logger.warning(
-                "skills database read is taking longer than %.2f s (locked or slow); "
-                "serving the last good data meanwhile",
+                "skills database read is taking longer than %.2f s: no answer for %.2f s "
+                "(locked or slow); serving the last good data meanwhile",
                 within,
+                waited,
             )
-        waited = time.monotonic() - self._busy_since
         return reader.cached(
             skills,
             SourceState.BUSY,
@@ -198,7 +206,9 @@ class DatabaseSource:
             return False
         if identity == self._identity:
             return True
-        logger.warning("skills database file %s was replaced; reopening it", path)
+        if identity != self._replacement_seen:  # once per replacement, not every tick
+            self._replacement_seen = identity
+            logger.warning("skills database file %s was replaced; reopening it", path)
         try:
             db = await _connect_read_only(path)
         except sqlite3.Error as exc:

@@ -193,8 +193,9 @@ class RateLimiter:
 class AuthThrottle:
     """Failed authentication attempts per address, and how long the address must wait.
 
-    The first ``free`` failures cost nothing; each further one blocks the address twice as
-    long as the one before, from 1 s up to ``longest`` seconds. A success, or ``forget``
+    The ``free``-th failure blocks the address for 2 s, and each later one twice as long
+    as the one before, up to ``longest`` seconds; attempts while blocked are refused
+    unchecked. A success, or ``forget``
     seconds without a failure, clears the address. At most ``max_addresses`` are kept.
     """
 
@@ -219,7 +220,7 @@ class AuthThrottle:
         failures, _, last = self._addresses.pop(address, (0, 0.0, now))
         failures = 1 if now - last > self.forget else failures + 1
         blocked = (
-            0.0 if failures <= self.free else min(2.0 ** (failures - self.free - 1), self.longest)
+            0.0 if failures < self.free else min(2.0 ** (failures - self.free + 1), self.longest)
         )
         self._addresses[address] = (failures, now + blocked, now)
         while len(self._addresses) > self.max_addresses:

@@ -1,0 +1,209 @@
+"""What outside clients broke, done again from outside: raw sockets, floods, hostile requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import UNIT, Client, ClientFactory, ServerFactory, SkillsDB, url_of, wait_until
+from tests.test_reliability import OP_TEXT, RawClient, client_frame
+
+OP_PING = 0x9
+TOKEN = "hardening-token-123"
+
+
+async def test_a_ping_flood_without_reading_is_cut_off(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """A client that unsubscribes, then sends ping frames and never reads the pongs, is
+    reset once the replies waiting for it pass twice max_buffered_bytes, instead of
+    making the server queue a pong per ping for ever."""
+    server = await start_server(max_buffered_bytes=16 * 1024, ping_interval=None)
+    client = await RawClient.open(server.port)
+    await client.read_text("connected")
+    await client.send(client_frame(OP_TEXT, b'{"type": "unsubscribe"}'))
+    ping = client_frame(OP_PING, b"p" * 125)
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(200 * UNIT):
+            while sent < 40_000:  # 5 MB of pongs if the server kept answering
+                await client.send(ping * 50)
+                sent += 50
+    await client.close()
+    assert sent < 40_000, "the server kept reading and answering a client that never read"
+    await wait_until(lambda: server.status()["connections"] == 0)
+    assert server.status()["refused"].get("not_reading") == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Host: 127.0.0.1\r\nHost: 127.0.0.1",
+        "Host: 127.0.0.1\r\nOrigin: http://localhost\r\nOrigin: http://localhost",
+        "Host: [::1",
+        "Host: 127.0.0.1:80x",
+    ],
+    ids=["two-hosts", "two-origins", "unclosed-bracket", "bad-port"],
+)
+async def test_malformed_requests_get_400_and_keep_the_log_quiet(
+    headers: str,
+    start_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A repeated Host or Origin header, or a malformed Host, gets 400 (not 500), and
+    fifty of them log no error and at most one debug line."""
+    caplog.set_level(logging.DEBUG, logger="session_buddy_realtime")
+    server = await start_server()
+    statuses = []
+    for _ in range(50):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = (
+            f"GET / HTTP/1.1\r\n{headers}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        writer.write(request.encode())
+        async with asyncio.timeout(40 * UNIT):
+            statuses.append((await reader.readline()).split()[1])
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    assert set(statuses) == {b"400"}
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    refused_lines = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert len(refused_lines) <= 2  # one per second of the run at most
+    assert server.status()["refused"] == {"malformed_request": 50}
+
+
+async def test_a_burst_of_handshakes_admits_exactly_the_limit(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """Forty clients connecting at once to a server limited to thirty connections: exactly
+    thirty are admitted and ten refused with 503 (handshakes in flight do not count)."""
+    server = await start_server(max_connections=30)
+
+    async def attempt() -> int:
+        try:
+            ws = await connect(url_of(server), open_timeout=100 * UNIT)
+        except InvalidStatus as refused:
+            return refused.response.status_code
+        opened.append(ws)
+        return 101
+
+    opened: list[object] = []
+    try:
+        results = await asyncio.gather(*(attempt() for _ in range(40)))
+    finally:
+        for ws in opened:
+            await ws.close()  # type: ignore[attr-defined]
+    assert sorted(results).count(101) == 30
+    assert sorted(results).count(503) == 10
+
+
+def _half_open_from(address: str, port: int, count: int) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((address, 0))
+        sock.connect(("127.0.0.1", port))
+        sockets.append(sock)
+    return sockets
+
+
+async def test_half_open_sockets_from_one_address_do_not_lock_out_the_others(
+    ranked_db: SkillsDB, start_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """Sixty half-open sockets from 127.0.0.2, with at most four connections per address
+    and ten in all, are cut back at accept to the per-address cap, and a client from
+    127.0.0.1 still connects and gets updates."""
+    server = await start_server(max_connections=10, max_connections_per_ip=4, open_timeout=5.0)
+    hostile = _half_open_from("127.0.0.2", server.port, 60)
+    try:
+        await wait_until(lambda: server.status()["refused"].get("too_many_sockets_from_ip", 0) > 0)
+        assert server.status()["connections"] <= 4 + 16
+        client = await open_client(url_of(server))
+        await client.recv_type("metrics_update")
+    finally:
+        for sock in hostile:
+            sock.close()
+
+
+async def test_no_form_of_the_token_reaches_the_log(
+    ranked_db: SkillsDB, start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With debug logging on, a token sent as a percent-encoded query key, as a
+    JSON-escaped key, and at the tail of a long frame never appears in any log record."""
+    caplog.set_level(logging.DEBUG)
+    server = await start_server(token=TOKEN)
+    async with connect(f"{url_of(server)}/?%74oken={TOKEN}", open_timeout=40 * UNIT) as ws:
+        assert json.loads(await ws.recv())["authenticated"] is True
+    async with connect(url_of(server), open_timeout=40 * UNIT) as ws:
+        await ws.recv()
+        padding = "x" * 3000
+        await ws.send(f'{{"type": "auth", "pad": "{padding}", "\\u0074oken": "{TOKEN}"}}')
+        reply = json.loads(await ws.recv())
+        assert reply["type"] in {"authenticated", "error"}
+    async with connect(url_of(server), open_timeout=40 * UNIT) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "auth", "pad": "y" * 3000, "token": TOKEN}))
+        assert json.loads(await ws.recv())["type"] == "authenticated"
+    ours = [r for r in caplog.records if r.name.startswith("session_buddy_realtime")]
+    logged = "\n".join(record.getMessage() for record in ours)
+    assert "< TEXT" in logged or "> TEXT" in logged, "frames were logged at debug level"
+    assert TOKEN not in logged
+    assert TOKEN[-8:] not in logged
+
+
+async def test_failed_authentication_is_throttled_per_address(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """After five wrong tokens from one address, its next attempts get 429 with the time
+    to wait, even with the right token; another kind of client (no token) is unaffected."""
+    server = await start_server(token=TOKEN)
+    statuses = []
+    for attempt in range(8):
+        token = TOKEN if attempt == 7 else f"wrong-token-{attempt}"
+        try:
+            async with connect(
+                url_of(server),
+                additional_headers={"Authorization": f"Bearer {token}"},
+                open_timeout=40 * UNIT,
+            ):
+                statuses.append(101)
+        except InvalidStatus as refused:
+            statuses.append(refused.response.status_code)
+            body = refused.response.body.decode()
+    assert statuses[:5] == [401] * 5
+    assert statuses[5:] == [429, 429, 429]
+    assert "retry in" in body
+    async with connect(url_of(server), open_timeout=40 * UNIT) as ws:  # first-message auth
+        await ws.recv()
+        await ws.send(json.dumps({"type": "auth", "token": TOKEN}))
+        await ws.wait_closed()
+        assert ws.close_code == 4001
+        assert ws.close_reason.startswith("too many failed attempts; retry in")
+
+
+async def test_subscribing_right_after_connecting_gets_fresh_data_not_busy(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """A client that subscribes to a skill below the top 10 as soon as it connects to an
+    idle server (the seed's own example) gets a fresh update with that skill's row, never
+    a 'busy' one, ten times in a row."""
+    server = await start_server()
+    for _ in range(10):
+        async with connect(url_of(server), open_timeout=40 * UNIT) as ws:
+            client = Client(ws)
+            await client.send_json({"type": "subscribe", "skill": "skill-12"})
+            await client.recv_type("subscription_confirmed")
+            update = await client.recv_type("metrics_update")
+            assert update["source"]["state"] == "ok", update["source"]
+            assert [row["skill_name"] for row in update["data"]["top_skills"]] == ["skill-12"]
+        await wait_until(lambda: server.status()["client_count"] == 0)
+    assert server.status()["database"]["state"] == "ok"
