@@ -6,7 +6,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import select
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -207,3 +212,64 @@ async def test_subscribing_right_after_connecting_gets_fresh_data_not_busy(
             assert [row["skill_name"] for row in update["data"]["top_skills"]] == ["skill-12"]
         await wait_until(lambda: server.status()["client_count"] == 0)
     assert server.status()["database"]["state"] == "ok"
+
+
+_LOW_LIMIT_SERVE = (
+    "import resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+    "from session_buddy_realtime.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_a_low_open_file_limit_is_respected_quietly(tmp_path: Path) -> None:
+    """Under an open-file limit of 256, 600 sockets opened at once are cut back at accept,
+    nothing logs 'out of system resource', and a client arriving afterwards is served."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _LOW_LIMIT_SERVE,
+            "serve",
+            "--demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--interval",
+            "0.2",
+        ],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        port = int(line.rsplit(":", 1)[1])
+        flood = []
+        for _ in range(600):  # connects started without waiting, as a flood would
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            flood.append(sock)
+        try:
+            # Held open while the server accepts what it can and a real client arrives.
+            select.select([], flood[:500], [], 40 * UNIT)
+
+            async def one_client() -> str:
+                async with connect(f"ws://127.0.0.1:{port}", open_timeout=200 * UNIT) as ws:
+                    return str(json.loads(await ws.recv())["type"])
+
+            assert asyncio.run(one_client()) == "connected"
+        finally:
+            for sock in flood:
+                sock.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=200 * UNIT)
+    assert process.returncode == 0, stderr
+    assert "out of system resource" not in stderr
+    assert "Traceback" not in stderr

@@ -42,6 +42,7 @@ __all__ = [
     "HandshakeGate",
     "default_max_connections",
     "drop",
+    "listen_backlog",
     "pending_allowance",
     "tracking_connection_class",
 ]
@@ -121,7 +122,7 @@ class ConnectionRegistry:
         skipping its updates) waits for it is not reading: it is dropped.
         """
         return cls(
-            max_sockets=max_connections + pending_allowance(max_connections),
+            max_sockets=min(max_connections + pending_allowance(max_connections), _usable_files()),
             max_sockets_per_ip=max_connections_per_ip + _PER_IP_SLACK,
             write_limit=2 * max_buffered_bytes,
             dropped=dropped,
@@ -281,12 +282,27 @@ class HandshakeGate:
 
 def default_max_connections() -> int:
     """10,000 connections, or fewer when the open-file limit is lower."""
-    # Leave room for handshakes in flight, the database, logs and the host's own files.
+    usable = _usable_files()
+    return max(1, min(10_000, usable - pending_allowance(usable)))
+
+
+def listen_backlog() -> int:
+    """The listen backlog: 100, or less under a low open-file limit.
+
+    asyncio accepts up to a backlog of sockets at a time before any can be dropped, so
+    a smaller batch keeps a flood of connections inside the open-file limit.
+    """
+    return min(100, max(16, _soft_file_limit() // 16))
+
+
+def _usable_files() -> int:
+    # Room for two accept batches in flight, the database, logs and the host's own files.
+    return _soft_file_limit() - 64 - 2 * listen_backlog()
+
+
+def _soft_file_limit() -> int:
     try:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):
-        return 10_000
-    if soft == resource.RLIM_INFINITY:
-        return 10_000
-    usable = soft - 128
-    return max(1, min(10_000, usable - pending_allowance(usable)))
+        return 1 << 20
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft

@@ -19,7 +19,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError, ServerStartError
-from session_buddy_realtime.stream.gate import HandshakeGate, tracking_connection_class
+from session_buddy_realtime.stream.gate import (
+    HandshakeGate,
+    listen_backlog,
+    tracking_connection_class,
+)
 from session_buddy_realtime.stream.security import redacting_logger
 
 __all__ = ["HttpRouter", "Route", "listen"]
@@ -97,6 +101,7 @@ async def listen(
             process_request=router,
             ssl=ssl_context,
             logger=redacting_logger("session_buddy_realtime.websockets"),
+            backlog=listen_backlog(),
             **extra,
         )
     except OSError as exc:
