@@ -273,3 +273,31 @@ def test_a_low_open_file_limit_is_respected_quietly(tmp_path: Path) -> None:
     assert process.returncode == 0, stderr
     assert "out of system resource" not in stderr
     assert "Traceback" not in stderr
+
+
+async def test_many_clients_subscribing_at_once_never_see_busy(
+    skills_db: SkillsDB,
+    start_server: ServerFactory,
+    open_client: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fifty clients subscribing at once, each to its own skill, all get their skill's
+    row, known and fresh; the database is never reported busy and nothing is logged slow."""
+    caplog.set_level(logging.INFO, logger="session_buddy_realtime")
+    for n in range(60):
+        skills_db.record(f"many-{n:02d}", count=1 + n % 7)
+    server = await start_server()
+    clients = [await open_client(url_of(server)) for _ in range(50)]
+    await asyncio.gather(
+        *(
+            c.send_json({"type": "subscribe", "skill": f"many-{n:02d}"})
+            for n, c in enumerate(clients)
+        )
+    )
+    for n, client in enumerate(clients):
+        confirmed = await client.recv_type("subscription_confirmed")
+        assert confirmed["known"] is True
+        update = await client.recv_type("metrics_update")
+        assert update["source"]["state"] == "ok"
+        assert [row["skill_name"] for row in update["data"]["top_skills"]] == [f"many-{n:02d}"]
+    assert not [r for r in caplog.records if "taking longer" in r.getMessage()]

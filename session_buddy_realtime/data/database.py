@@ -57,6 +57,8 @@ class DatabaseSource:
         self._identity: tuple[int, int] | None = None
         self._read_task: asyncio.Task[MetricsSnapshot] | None = None
         self._read_started = 0.0
+        self._read_skills: frozenset[str] = frozenset()
+        self._wanted: set[str] = set()
         self._busy_since: float | None = None
         self._replacement_seen: tuple[int, int] | None = None
 
@@ -123,8 +125,13 @@ class DatabaseSource:
             return reader.cached(skills)
         now = time.monotonic()
         if self._read_task is None or self._read_task.done():
-            self._read_task = asyncio.create_task(reader.read(skills))
+            # One read for every caller that waited meanwhile: many clients subscribing at
+            # once cost two reads, not one each in a row.
+            self._read_skills, self._wanted = frozenset(skills | self._wanted), set()
+            self._read_task = asyncio.create_task(reader.read(self._read_skills))
             self._read_started = now
+        elif not skills <= self._read_skills:
+            self._wanted |= skills
         task = self._read_task
         wait = min(deadline, self._read_started + within) - now
         if not reader.has_data:  # an empty "busy" snapshot would help nobody
