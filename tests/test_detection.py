@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
-from session_buddy_realtime.data.detection import DetectionSettings, WindowStats, detect
+from session_buddy_realtime.data.detection import DetectionSettings, Finding, WindowStats, detect
 
 
 def stats(
@@ -94,3 +95,46 @@ def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     """Impossible windows or thresholds fail at construction."""
     with pytest.raises(ValueError, match=r"must|need"):
         DetectionSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def _all_finite(finding: Finding) -> bool:
+    numbers = (
+        finding.baseline_value,
+        finding.observed_value,
+        finding.deviation_score,
+        finding.last_evidence_at,
+    )
+    return all(math.isfinite(n) for n in numbers)
+
+
+@pytest.mark.parametrize(
+    "skill",
+    [
+        # A baseline of 1e200 s: finite sums, but the square overflows (NaN variance).
+        stats(recent_durations=[2.0] * 10, baseline_durations=[1e200] * 30),
+        # An infinite recent duration: observed mean and z-score are infinite.
+        stats(recent_durations=[1.0] * 9 + [math.inf], baseline_durations=[1.0] * 30),
+        # An infinite baseline: mean infinite, variance NaN.
+        stats(recent_durations=[2.0] * 10, baseline_durations=[1.0] * 29 + [math.inf]),
+        # NaN sums, as from inf - inf.
+        stats(recent_durations=[math.nan] * 10, baseline_durations=[math.nan] * 30),
+    ],
+    ids=["overflowing-baseline", "infinite-recent", "infinite-baseline", "nan"],
+)
+def test_non_finite_statistics_never_become_a_finding(skill: WindowStats) -> None:
+    """Statistics that overflow or hold inf/NaN give no finding rather than a non-finite one."""
+    findings = detect([skill], DetectionSettings())
+    assert [f for f in findings if not _all_finite(f)] == []
+
+
+def test_impossible_counts_give_no_finding_and_no_error() -> None:
+    """More completions than invocations (no valid binomial error) is skipped, not raised."""
+    assert detect([stats(recent=(10, 0), baseline=(20, 40))], DetectionSettings()) == []
+
+
+def test_overflowing_skill_is_skipped_and_the_others_kept() -> None:
+    """A skill with overflowing statistics is skipped while another skill's drop is still found."""
+    bad = stats(recent_durations=[2.0] * 10, baseline_durations=[1e200] * 30)
+    good = dataclasses.replace(stats(recent=(10, 1)), skill_name="g")
+    findings = detect([bad, good], DetectionSettings())
+    assert [(f.skill_name, f.anomaly_type) for f in findings] == [("g", "drop")]

@@ -11,7 +11,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from session_buddy_realtime.data.reader import MetricsReader
+from session_buddy_realtime.data.reader import MAX_CACHED_ROWS, MetricsReader
 from session_buddy_realtime.data.schema import SCHEMA_SQL
 from session_buddy_realtime.data.source import SourceState
 from session_buddy_realtime.protocol import format_timestamp, metrics_update_message
@@ -309,3 +309,36 @@ async def test_missing_anomaly_table_keeps_the_top_skills(
     assert "skill_anomalies" in snapshot.message
     assert "skill_metrics" not in snapshot.message
     assert len(snapshot.top_skills) == 10
+
+
+async def test_subscription_cache_is_bounded_and_keeps_the_rows_asked_for(
+    ranked_db: SkillsDB, reader: aiosqlite.Connection
+) -> None:
+    """Thousands of distinct subscribed skills stay under the cache cap; each read has its rows."""
+    source = MetricsReader(reader)
+    await source.read()
+    for i in range(2 * MAX_CACHED_ROWS):
+        snapshot = await source.read({f"ghost-{i}", "skill-12"})
+        assert set(snapshot.skills) == {f"ghost-{i}", "skill-12"}
+        assert snapshot.skills[f"ghost-{i}"] is None
+        row = snapshot.skills["skill-12"]
+        assert row is not None
+        assert row["total_invocations"] == 18
+        assert source.cached_rows <= MAX_CACHED_ROWS
+    assert source.refreshes == 1
+
+
+async def test_a_read_larger_than_the_cache_cap_still_has_all_its_rows(
+    ranked_db: SkillsDB, reader: aiosqlite.Connection
+) -> None:
+    """When one read asks for more skills than the cap, all of them are in its snapshot."""
+    source = MetricsReader(reader)
+    await source.read({"ghost-a"})
+    many = {f"ghost-{i}" for i in range(MAX_CACHED_ROWS + 100)} | {"skill-11", "skill-12"}
+    snapshot = await source.read(many)
+    assert set(snapshot.skills) == many
+    known = {name for name, row in snapshot.skills.items() if row is not None}
+    assert known == {"skill-11", "skill-12"}
+    snapshot = await source.read({"ghost-b", "skill-12"})
+    assert snapshot.skills["skill-12"] is not None
+    assert source.cached_rows <= MAX_CACHED_ROWS

@@ -8,6 +8,10 @@ SQL. Two signals are checked for every skill with enough data in both windows:
   of that size;
 * duration (``spike``): the recent mean duration of completed invocations against the
   baseline mean, with the standard error of the mean.
+
+A finding always holds finite numbers: statistics that overflow (a sum of squares past
+the largest float) or hold infinity or NaN give no finding for that signal, since such a
+value has no JSON form and NaN passes no threshold test.
 """
 
 from __future__ import annotations
@@ -91,18 +95,18 @@ def _completion_drop(skill: WindowStats, settings: DetectionSettings) -> Finding
     # The baseline rate is smoothed (rule of succession) so that a perfect record still
     # has a finite error and a single failure after it is not flagged.
     p = (skill.baseline_completed + 1) / (skill.baseline_count + 2)
+    if not 0.0 < p < 1.0:  # more completions than invocations: no binomial error
+        return None
     stderr = math.sqrt(p * (1.0 - p) / skill.recent_count)
     z = (p - observed) / stderr
-    if z < settings.z_threshold:
-        return None
-    return Finding(
-        skill_name=skill.skill_name,
+    return _finding(
+        skill,
+        settings,
         anomaly_type="drop",
         metric="completion_rate",
         baseline_value=round(baseline * 100.0, 2),
         observed_value=round(observed * 100.0, 2),
-        deviation_score=round(z, 2),
-        last_evidence_at=skill.last_recent_at,
+        z=z,
     )
 
 
@@ -116,14 +120,39 @@ def _duration_spike(skill: WindowStats, settings: DetectionSettings) -> Finding 
     stdev = max(math.sqrt(variance), abs(mean) * 0.01, 0.001)
     observed = skill.recent_duration_sum / skill.recent_timed
     z = (observed - mean) / (stdev / math.sqrt(skill.recent_timed))
-    if z < settings.z_threshold:
-        return None
-    return Finding(
-        skill_name=skill.skill_name,
+    return _finding(
+        skill,
+        settings,
         anomaly_type="spike",
         metric="avg_duration_seconds",
         baseline_value=round(mean, 3),
         observed_value=round(observed, 3),
-        deviation_score=round(z, 2),
+        z=z,
+    )
+
+
+def _finding(
+    skill: WindowStats,
+    settings: DetectionSettings,
+    *,
+    anomaly_type: Literal["drop", "spike"],
+    metric: Literal["completion_rate", "avg_duration_seconds"],
+    baseline_value: float,
+    observed_value: float,
+    z: float,
+) -> Finding | None:
+    """The finding when ``z`` reaches the threshold and every number is finite, else None."""
+    score = round(z, 2)
+    numbers = (baseline_value, observed_value, score, skill.last_recent_at)
+    # Written so that NaN (which compares False with everything) is refused too.
+    if not (z >= settings.z_threshold and all(math.isfinite(n) for n in numbers)):
+        return None
+    return Finding(
+        skill_name=skill.skill_name,
+        anomaly_type=anomaly_type,
+        metric=metric,
+        baseline_value=baseline_value,
+        observed_value=observed_value,
+        deviation_score=score,
         last_evidence_at=skill.last_recent_at,
     )

@@ -3,18 +3,34 @@
 Pure text and pure functions: the queries, and the conversions that turn a row into a
 protocol object, where a bad value (NaN, infinity, text in a number column) costs only
 that value.
+
+The queries skip what no frame can carry, so that every frame has a bounded size: a
+``skill_name`` that is not text, is over ``MAX_SKILL_NAME_LENGTH`` characters or holds a
+control character (every query, in SQL; for the live window statistics SQL bounds the
+bytes and ``shown_name`` checks the one row per skill); a ``total_invocations`` that is
+not a 64-bit number (top skills); a ``detected_at`` or
+``anomaly_type`` that is not such text of at most ``MAX_TEXT_LENGTH`` characters (table
+anomalies); a duration that is not a number within ``MAX_DURATION_SECONDS`` (live
+detection: the invocation still counts, its duration does not). ``last_invoked`` past
+those bounds reads as null.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from session_buddy_realtime.protocol import MAX_SKILL_NAME_LENGTH
+
 __all__ = [
     "ANOMALY_WINDOW",
+    "MAX_DURATION_SECONDS",
     "MAX_TABLE_ANOMALIES",
+    "MAX_TEXT_LENGTH",
+    "NAME_OK",
     "SKILL_COLUMNS",
     "TABLE_ANOMALIES_SQL",
     "TOP_SKILLS_LIMIT",
@@ -25,6 +41,7 @@ __all__ = [
     "int_or_zero",
     "julian_day",
     "severity",
+    "shown_name",
     "skill_row",
     "unix_time",
 ]
@@ -33,51 +50,118 @@ TOP_SKILLS_LIMIT: Final = 10
 ANOMALY_WINDOW: Final = 3600.0
 """Seconds for which an unresolved row of ``skill_anomalies`` is reported."""
 MAX_TABLE_ANOMALIES: Final = 500
+MAX_TEXT_LENGTH: Final = 64
+"""Characters at most of the other text fields that reach a frame (times, anomaly types)."""
+MAX_DURATION_SECONDS: Final = 1e9
+"""Durations beyond this many seconds (about 31.7 years) are not counted by live detection."""
 _UNIX_EPOCH_JULIAN_DAY: Final = 2440587.5
+# C0 and C1 control characters, NUL included.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+# The same in SQL but for NUL: U+0001-U+001F and U+007F-U+009F (GLOB ranges are by code
+# point; a NUL cannot be written in a pattern, so instr() looks for it).
+_CONTROL_GLOB: Final = (
+    "('*[' || char(1) || '-' || char(31) || char(127) || '-' || char(159) || ']*')"
+)
 
+
+def _bounded_text(column: str, limit: int) -> str:
+    """SQL that is true when ``column`` is text of at most ``limit`` characters, no controls.
+
+    ``length()`` counts characters only up to a NUL, so text holding one is refused (else
+    a NUL followed by a megabyte would pass); so is text with a C0 or C1 control
+    character, which no client can subscribe to and which a terminal would interpret.
+    """
+    return (
+        f"(typeof({column}) = 'text' AND length({column}) <= {limit} "
+        f"AND instr({column}, char(0)) = 0 AND NOT {column} GLOB {_CONTROL_GLOB})"
+    )
+
+
+NAME_OK: Final = _bounded_text("skill_name", MAX_SKILL_NAME_LENGTH)
+"""The rows every query reads: a text ``skill_name`` that a frame can carry."""
+# A count SQLite ranks as a number: text and blobs sort above every number, and an
+# infinite real would outrank every real skill (and read as 0).
+_TOTAL_OK: Final = (
+    "typeof(total_invocations) IN ('integer', 'real') "
+    "AND total_invocations BETWEEN -9223372036854775808 AND 9223372036854775807"
+)
+# Numbers are shown as text, as before; over-long text and blobs read as NULL.
 SKILL_COLUMNS: Final = (
     "skill_name, total_invocations, completed_invocations, completion_rate, "
-    "avg_duration_seconds, last_invoked"
+    "avg_duration_seconds, "
+    "CASE WHEN typeof(last_invoked) IN ('integer', 'real') "
+    f"OR {_bounded_text('last_invoked', MAX_TEXT_LENGTH)} THEN last_invoked END"
 )
 TOP_SQL: Final = (
     f"SELECT {SKILL_COLUMNS} FROM skill_metrics "  # noqa: S608
+    f"WHERE {NAME_OK} AND {_TOTAL_OK} "
     "ORDER BY total_invocations DESC, skill_name LIMIT ?"
 )
 # The text prefilter uses the index (ISO values of any style share the date prefix);
 # the julianday() comparison then compares times as times, whatever the separator or
 # time-zone suffix.
-TABLE_ANOMALIES_SQL: Final = """
+TABLE_ANOMALIES_SQL: Final = f"""
 SELECT skill_name, detected_at, anomaly_type, baseline_value, observed_value,
        deviation_score, julianday(detected_at) AS detected_jd
 FROM skill_anomalies
 WHERE (resolved_at IS NULL OR resolved_at = '')
   AND detected_at >= :prefix
   AND julianday(detected_at) >= :since
+  AND {NAME_OK}
+  AND {_bounded_text("detected_at", MAX_TEXT_LENGTH)}
+  AND {_bounded_text("anomaly_type", MAX_TEXT_LENGTH)}
 ORDER BY detected_jd DESC
 LIMIT :limit
-"""
-WINDOW_STATS_SQL: Final = """
+"""  # noqa: S608
+# A duration counts only when it is a number within MAX_DURATION_SECONDS: infinity,
+# values whose square overflows, text and blobs are left out (the invocation itself
+# still counts for the completion rate), so sums and squares over any number of rows
+# stay finite. BETWEEN alone refuses text, blobs and NULL (SQLite orders them above
+# every number), and unlike abs() it never raises (abs() does on the smallest integer).
+_DURATION: Final = (
+    f"CASE WHEN duration_seconds BETWEEN -{MAX_DURATION_SECONDS:.0f} "
+    f"AND {MAX_DURATION_SECONDS:.0f} THEN duration_seconds END"
+)
+# Per invocation only a cheap name check (text, at most 4 bytes a character); the exact
+# one, NAME_OK's, is shown_name() on the one row per skill. "LIMIT -1" keeps SQLite from
+# flattening the subquery into the aggregate, which would evaluate julianday() and the
+# duration test again for every use; kept apart, the date prefilter drives the
+# invoked_at index instead of a scan of all history. Results are the same either way.
+WINDOW_STATS_SQL: Final = f"""
 SELECT skill_name,
        SUM(jd >= :recent),
        SUM(jd >= :recent AND completed = 1),
-       SUM(jd >= :recent AND completed = 1 AND duration_seconds IS NOT NULL),
-       TOTAL(CASE WHEN jd >= :recent AND completed = 1 THEN duration_seconds END),
+       SUM(jd >= :recent AND completed = 1 AND duration IS NOT NULL),
+       TOTAL(CASE WHEN jd >= :recent AND completed = 1 THEN duration END),
        SUM(jd < :recent),
        SUM(jd < :recent AND completed = 1),
-       SUM(jd < :recent AND completed = 1 AND duration_seconds IS NOT NULL),
-       TOTAL(CASE WHEN jd < :recent AND completed = 1 THEN duration_seconds END),
-       TOTAL(CASE WHEN jd < :recent AND completed = 1
-                  THEN duration_seconds * duration_seconds END),
+       SUM(jd < :recent AND completed = 1 AND duration IS NOT NULL),
+       TOTAL(CASE WHEN jd < :recent AND completed = 1 THEN duration END),
+       TOTAL(CASE WHEN jd < :recent AND completed = 1 THEN duration * duration END),
        MAX(CASE WHEN jd >= :recent THEN jd END)
 FROM (
-    SELECT skill_name, completed, duration_seconds, julianday(invoked_at) AS jd
+    SELECT skill_name, completed, {_DURATION} AS duration, julianday(invoked_at) AS jd
     FROM skill_invocation
     WHERE invoked_at >= :prefix
+      AND typeof(skill_name) = 'text'
+      AND length(CAST(skill_name AS BLOB)) <= {4 * MAX_SKILL_NAME_LENGTH}
+    LIMIT -1
 )
 WHERE jd >= :baseline
 GROUP BY skill_name
 HAVING SUM(jd >= :recent) >= :min_recent
-"""
+"""  # noqa: S608
+
+
+def shown_name(value: Any) -> str | None:
+    """``value`` if it is a skill name that a frame may carry (what ``NAME_OK`` selects)."""
+    if (
+        isinstance(value, str)
+        and len(value) <= MAX_SKILL_NAME_LENGTH
+        and _CONTROL.search(value) is None
+    ):
+        return value
+    return None
 
 
 def skill_row(row: Sequence[Any]) -> dict[str, Any]:

@@ -6,6 +6,11 @@ or the host's, shared). It never writes, never changes the connection's
 token combines ``PRAGMA data_version`` (commits by other connections) with the
 connection's ``total_changes`` (writes made through this very connection, which
 ``data_version`` does not report).
+
+What it holds is bounded whatever the database and the clients do: per-skill rows kept
+between reads are capped (``MAX_CACHED_ROWS``, beyond the top skills and the skills of
+the read), and a snapshot keeps at most ``MAX_ANOMALIES`` anomalies per skill, so a
+one-skill frame is no larger than the all-skills one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +31,7 @@ from session_buddy_realtime.data.detection import DetectionSettings, Finding, Wi
 from session_buddy_realtime.data.queries import (
     ANOMALY_WINDOW,
     MAX_TABLE_ANOMALIES,
+    NAME_OK,
     SKILL_COLUMNS,
     TABLE_ANOMALIES_SQL,
     TOP_SKILLS_LIMIT,
@@ -34,18 +41,21 @@ from session_buddy_realtime.data.queries import (
     float_or_none,
     julian_day,
     severity,
+    shown_name,
     skill_row,
     unix_time,
 )
 from session_buddy_realtime.data.schema import missing_tables
-from session_buddy_realtime.data.source import MetricsSnapshot, SourceState
+from session_buddy_realtime.data.source import MAX_ANOMALIES, MetricsSnapshot, SourceState
 from session_buddy_realtime.protocol import format_timestamp
 
-__all__ = ["MetricsReader"]
+__all__ = ["MAX_CACHED_ROWS", "MetricsReader"]
 
 logger = logging.getLogger(__name__)
 
 _IN_CHUNK: Final = 500
+MAX_CACHED_ROWS: Final = 1024
+"""Per-skill rows kept between reads, beyond the top skills and the skills of the read."""
 # What a read can raise: SQLite's errors, and ValueError from a closed connection.
 _READ_ERRORS: Final = (sqlite3.Error, ValueError)
 
@@ -102,6 +112,11 @@ class MetricsReader:
         return self._cache.as_of is not None
 
     @property
+    def cached_rows(self) -> int:
+        """Number of per-skill rows held between reads (bounded; see ``MAX_CACHED_ROWS``)."""
+        return len(self._cache.rows)
+
+    @property
     def state(self) -> SourceState:
         """Health after the last read."""
         return self._state
@@ -147,7 +162,7 @@ class MetricsReader:
                 lambda: self._refresh_live_anomalies(now),
             ]
         else:
-            parts = [lambda: self._fetch_named_rows(cache.rows, skills)]
+            parts = [lambda: self._fetch_named_rows(self._rows_with_room(skills), skills)]
         failures: list[Exception] = []
         for part in parts:
             try:
@@ -165,6 +180,19 @@ class MetricsReader:
         rows: dict[str, dict[str, Any] | None] = {row["skill_name"]: row for row in top}
         await self._fetch_named_rows(rows, skills)
         self._cache.top, self._cache.rows = top, rows
+
+    def _rows_with_room(self, skills: Set[str]) -> dict[str, dict[str, Any] | None]:
+        # Every distinct skill ever subscribed would otherwise stay cached until the
+        # database changes. Past the cap only the top skills and this read's skills
+        # stay; the others are read again (one query) if asked for again.
+        cache = self._cache
+        missing = sum(1 for name in skills if name not in cache.rows)
+        if missing and len(cache.rows) + missing > MAX_CACHED_ROWS:
+            top = {row["skill_name"] for row in cache.top}
+            cache.rows = {
+                name: row for name, row in cache.rows.items() if name in top or name in skills
+            }
+        return cache.rows
 
     async def _refresh_table_anomalies(self, now: float) -> None:
         self._cache.table_anomalies = await self._fetch_table_anomalies(now)
@@ -198,7 +226,10 @@ class MetricsReader:
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
             marks = ",".join("?" for _ in chunk)
-            sql = f"SELECT {SKILL_COLUMNS} FROM skill_metrics WHERE skill_name IN ({marks})"  # noqa: S608
+            sql = (
+                f"SELECT {SKILL_COLUMNS} FROM skill_metrics "  # noqa: S608
+                f"WHERE skill_name IN ({marks}) AND {NAME_OK}"
+            )
             found = {row["skill_name"]: row for row in await self._fetchskill_rows(sql, chunk)}
             for name in chunk:
                 rows[name] = found.get(name)
@@ -248,7 +279,7 @@ class MetricsReader:
         )
         stats = [
             WindowStats(
-                skill_name=row[0],
+                skill_name=name,
                 recent_count=int(row[1] or 0),
                 recent_completed=int(row[2] or 0),
                 recent_timed=int(row[3] or 0),
@@ -261,6 +292,7 @@ class MetricsReader:
                 last_recent_at=unix_time(float(row[10])) if row[10] is not None else now,
             )
             for row in result
+            if (name := shown_name(row[0])) is not None
         ]
         findings = detect(stats, settings)
         stamp = format_timestamp(datetime.fromtimestamp(now, UTC))
@@ -331,10 +363,19 @@ class MetricsReader:
             a.payload for a in (*cache.live_anomalies, *cache.table_anomalies) if a.expires_at > now
         ]
         anomalies.sort(key=severity)
+        # A one-skill frame carries all of that skill's anomalies: keep each skill's
+        # MAX_ANOMALIES most severe. The all-skills frame's first MAX_ANOMALIES are the
+        # same as before, since none of them can be past its own skill's limit.
+        seen: Counter[str] = Counter()
+        kept = []
+        for anomaly in anomalies:
+            seen[anomaly["skill_name"]] += 1
+            if seen[anomaly["skill_name"]] <= MAX_ANOMALIES:
+                kept.append(anomaly)
         return MetricsSnapshot(
             top_skills=cache.top,
             skills={name: cache.rows.get(name) for name in skills},
-            anomalies=anomalies,
+            anomalies=kept,
             state=self._state,
             message=self._message,
             as_of=cache.as_of,
