@@ -188,6 +188,26 @@ async def test_wss_clients_work_with_tls(
     assert server.status()["tls_enabled"] is True
 
 
+async def test_a_silent_tls_handshake_is_dropped_after_open_timeout(
+    ranked_db: SkillsDB,
+    start_server: ServerFactory,
+    tls_files: tuple[Path, Path],
+) -> None:
+    """A TCP connection to a wss:// server that never sends its ClientHello is dropped
+    after open_timeout, which bounds the TLS handshake too (asyncio's own default: 60 s)."""
+    cert, key = tls_files
+    server = await start_server(ssl_certfile=cert, ssl_keyfile=key, open_timeout=4 * UNIT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    began = time.monotonic()
+    async with asyncio.timeout(100 * UNIT):
+        with contextlib.suppress(ConnectionResetError):
+            assert await reader.read() == b""
+    assert time.monotonic() - began < 60 * UNIT
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 @pytest.mark.parametrize("broken", ["missing cert", "missing key", "mismatched pair", "not pem"])
 async def test_bad_tls_files_fail_at_start_naming_the_file(
     broken: str,

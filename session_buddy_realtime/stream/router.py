@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -80,10 +79,6 @@ async def listen(
         PortInUseError: the address is taken.
         ServerStartError: anything else that prevents listening.
     """
-    extra: dict[str, Any] = {}
-    if ssl_context is not None:
-        # TLS handshakes get the same deadline as the WebSocket one (asyncio allows 60 s).
-        extra["ssl_handshake_timeout"] = open_timeout
     try:
         return await serve(
             handler,
@@ -102,7 +97,6 @@ async def listen(
             ssl=ssl_context,
             logger=redacting_logger("session_buddy_realtime.websockets"),
             backlog=listen_backlog(),
-            **extra,
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
