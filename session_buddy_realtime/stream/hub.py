@@ -345,11 +345,10 @@ class Hub(Generic[S]):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         for connection in list(connections):
-            if (
-                connection.state is State.CONNECTING
-                or connection.transport.get_write_buffer_size() > self.max_buffered_bytes
-            ):
+            if connection.state is State.CONNECTING:
                 connection.transport.abort()
+            elif connection.transport.get_write_buffer_size() > self.max_buffered_bytes:
+                drop(connection)  # reset: its backlog is discarded, not sent first
         listener.close(close_connections=True, code=CloseCode.GOING_AWAY)
         try:
             async with asyncio.timeout(self.close_timeout):
