@@ -3,42 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from session_buddy_realtime import RealTimeMetricsServer
 from session_buddy_realtime.data.source import SourceState
-from tests.conftest import INTERVAL, ClientFactory, url_of, wait_until
+from tests.conftest import INTERVAL, ClientFactory, ServerFactory, url_of, wait_until
 from tests.fakes import FakeSource, anomaly, skill_row
-
-FakeServerFactory = Callable[[FakeSource], Awaitable[RealTimeMetricsServer]]
-
-
-@pytest.fixture
-async def serve_fake() -> AsyncIterator[FakeServerFactory]:
-    """Start servers on port 0 that read from a ``FakeSource``; stopped afterwards."""
-    started: list[RealTimeMetricsServer] = []
-
-    async def _start(source: FakeSource) -> RealTimeMetricsServer:
-        server = RealTimeMetricsServer("127.0.0.1", 0, update_interval=INTERVAL, source=source)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield _start
-    for server in started:
-        await server.stop()
 
 
 async def test_each_subscription_gets_the_sources_state_for_it(
-    serve_fake: FakeServerFactory, open_client: ClientFactory
+    start_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     """A client of all skills gets the source's top list and anomalies; a client of one
     skill (outside the top list) gets only that skill's row and anomalies."""
     source = FakeSource([skill_row(f"skill-{n:02d}", 100 - n) for n in range(12)])
     source.anomalies = [anomaly("skill-11", 4.0), anomaly("skill-00", 3.0)]
-    server = await serve_fake(source)
+    server = await start_server(source=source)
     everyone = await open_client(url_of(server))
     one = await open_client(url_of(server))
     await one.send_json({"type": "subscribe", "skill": "skill-11"})
@@ -54,12 +34,12 @@ async def test_each_subscription_gets_the_sources_state_for_it(
 
 
 async def test_the_hub_asks_only_for_subscribed_skills_within_the_read_deadline(
-    serve_fake: FakeServerFactory, open_client: ClientFactory
+    start_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     """Each tick asks the source once, for exactly the skills clients subscribed to, and
     allows it 80 % of the interval."""
     source = FakeSource([skill_row("alpha", 5), skill_row("beta", 3)])
-    server = await serve_fake(source)
+    server = await start_server(source=source)
     first = await open_client(url_of(server))
     await first.send_json({"type": "subscribe", "skill": "beta"})
     await first.recv_type("subscription_confirmed")
@@ -77,12 +57,12 @@ async def test_the_hub_asks_only_for_subscribed_skills_within_the_read_deadline(
 
 
 async def test_stale_state_from_the_source_reaches_clients_as_it_is(
-    serve_fake: FakeServerFactory, open_client: ClientFactory
+    start_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     """The hub does not judge the state: a source that says busy, with its reason, is
     shown busy and stale to clients, and fresh again when the source recovers."""
     source = FakeSource([skill_row("alpha", 5)])
-    server = await serve_fake(source)
+    server = await start_server(source=source)
     client = await open_client(url_of(server))
     await client.recv_type("metrics_update")
     source.state, source.message = SourceState.BUSY, "the feed is late"
@@ -98,11 +78,11 @@ async def test_stale_state_from_the_source_reaches_clients_as_it_is(
 
 
 async def test_a_source_that_raises_costs_one_tick(
-    serve_fake: FakeServerFactory, open_client: ClientFactory
+    start_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     """A read that raises is counted as an error; the next tick delivers again."""
     source = FakeSource([skill_row("alpha", 5)])
-    server = await serve_fake(source)
+    server = await start_server(source=source)
     client = await open_client(url_of(server))
     await client.recv_type("metrics_update")
     source.fail_next = RuntimeError("the feed broke")
@@ -113,12 +93,12 @@ async def test_a_source_that_raises_costs_one_tick(
 
 
 async def test_the_server_opens_and_closes_its_source_with_each_run(
-    serve_fake: FakeServerFactory,
+    start_server: ServerFactory,
 ) -> None:
     """start() opens the source and stop() closes it, once per run; status() shows the
     source's own description."""
     source = FakeSource()
-    server = await serve_fake(source)
+    server = await start_server(source=source)
     assert (source.opened, source.closed) == (1, 0)
     assert server.status()["database"] == source.describe()
     await server.stop()
@@ -128,7 +108,7 @@ async def test_the_server_opens_and_closes_its_source_with_each_run(
 
 
 async def test_a_group_that_cannot_be_encoded_does_not_starve_the_others(
-    serve_fake: FakeServerFactory,
+    start_server: ServerFactory,
     open_client: ClientFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -138,7 +118,7 @@ async def test_a_group_that_cannot_be_encoded_does_not_starve_the_others(
     caplog.set_level(logging.INFO, logger="session_buddy_realtime")
     rows = [skill_row(f"busy-{n}", 100 + n) for n in range(10)]
     source = FakeSource([*rows, skill_row("quiet", 2), skill_row("fragile", 1)])
-    server = await serve_fake(source)
+    server = await start_server(source=source)
     everyone = await open_client(url_of(server))
     clients = {}
     for skill in ("quiet", "fragile"):
