@@ -13,6 +13,13 @@ not a 64-bit number (top skills); a ``detected_at`` or
 anomalies); a duration that is not a number within ``MAX_DURATION_SECONDS`` (live
 detection: the invocation still counts, its duration does not). ``last_invoked`` past
 those bounds reads as null.
+
+Text that is not UTF-8 (another process may store any bytes as TEXT) would make Python's
+``sqlite3`` fail the whole query while fetching the row, and SQL cannot tell it apart. So
+every text that reaches a frame is selected as its stored bytes (``CAST(... AS BLOB)``,
+numbers' columns too when they hold text) and decoded here: a row whose name does not
+decode is skipped (``skill_row`` and ``table_anomaly`` return None), any other such text
+reads as null, or skips the anomaly when the protocol requires it (time, type).
 """
 
 from __future__ import annotations
@@ -40,9 +47,12 @@ __all__ = [
     "float_or_none",
     "int_or_zero",
     "julian_day",
+    "named_rows_sql",
     "severity",
     "shown_name",
     "skill_row",
+    "table_anomaly",
+    "text_or_none",
     "unix_time",
 ]
 
@@ -77,6 +87,11 @@ def _bounded_text(column: str, limit: int) -> str:
     )
 
 
+def _as_stored(column: str) -> str:
+    """SQL that selects ``column`` as stored, but text as its bytes (see ``text_or_none``)."""
+    return f"CASE WHEN typeof({column}) = 'text' THEN CAST({column} AS BLOB) ELSE {column} END"
+
+
 NAME_OK: Final = _bounded_text("skill_name", MAX_SKILL_NAME_LENGTH)
 """The rows every query reads: a text ``skill_name`` that a frame can carry."""
 # A count SQLite ranks as a number: text and blobs sort above every number, and an
@@ -85,24 +100,47 @@ _TOTAL_OK: Final = (
     "typeof(total_invocations) IN ('integer', 'real') "
     "AND total_invocations BETWEEN -9223372036854775808 AND 9223372036854775807"
 )
-# Numbers are shown as text, as before; over-long text and blobs read as NULL.
+# Text as its bytes, decoded by skill_row. last_invoked: numbers are shown as text, as
+# before; over-long text and blobs read as NULL. No column is aliased "skill_name", so
+# that ORDER BY and GROUP BY keep meaning the stored column (and its index).
 SKILL_COLUMNS: Final = (
-    "skill_name, total_invocations, completed_invocations, completion_rate, "
-    "avg_duration_seconds, "
-    "CASE WHEN typeof(last_invoked) IN ('integer', 'real') "
-    f"OR {_bounded_text('last_invoked', MAX_TEXT_LENGTH)} THEN last_invoked END"
+    "CAST(skill_name AS BLOB), "
+    + ", ".join(
+        _as_stored(column)
+        for column in (
+            "total_invocations",
+            "completed_invocations",
+            "completion_rate",
+            "avg_duration_seconds",
+        )
+    )
+    + ", CASE WHEN typeof(last_invoked) IN ('integer', 'real') THEN last_invoked "
+    f"WHEN {_bounded_text('last_invoked', MAX_TEXT_LENGTH)} "
+    "THEN CAST(last_invoked AS BLOB) END"
 )
 TOP_SQL: Final = (
     f"SELECT {SKILL_COLUMNS} FROM skill_metrics "  # noqa: S608
     f"WHERE {NAME_OK} AND {_TOTAL_OK} "
-    "ORDER BY total_invocations DESC, skill_name LIMIT ?"
+    "ORDER BY total_invocations DESC, skill_name LIMIT :limit"
 )
+
+
+def named_rows_sql(count: int) -> str:
+    """The ``skill_metrics`` rows (``SKILL_COLUMNS``) of ``count`` names bound in order."""
+    marks = ",".join("?" for _ in range(count))
+    return (
+        f"SELECT {SKILL_COLUMNS} FROM skill_metrics "  # noqa: S608
+        f"WHERE skill_name IN ({marks}) AND {NAME_OK}"
+    )
+
+
 # The text prefilter uses the index (ISO values of any style share the date prefix);
 # the julianday() comparison then compares times as times, whatever the separator or
 # time-zone suffix.
 TABLE_ANOMALIES_SQL: Final = f"""
-SELECT skill_name, detected_at, anomaly_type, baseline_value, observed_value,
-       deviation_score, julianday(detected_at) AS detected_jd
+SELECT CAST(skill_name AS BLOB), CAST(detected_at AS BLOB), CAST(anomaly_type AS BLOB),
+       {_as_stored("baseline_value")}, {_as_stored("observed_value")},
+       {_as_stored("deviation_score")}, julianday(detected_at) AS detected_jd
 FROM skill_anomalies
 WHERE (resolved_at IS NULL OR resolved_at = '')
   AND detected_at >= :prefix
@@ -123,12 +161,13 @@ _DURATION: Final = (
     f"AND {MAX_DURATION_SECONDS:.0f} THEN duration_seconds END"
 )
 # Per invocation only a cheap name check (text, at most 4 bytes a character); the exact
-# one, NAME_OK's, is shown_name() on the one row per skill. "LIMIT -1" keeps SQLite from
+# one, NAME_OK's, is shown_name() on the one row per skill; groups are of the stored
+# text, the bytes are selected for text_or_none(). "LIMIT -1" keeps SQLite from
 # flattening the subquery into the aggregate, which would evaluate julianday() and the
 # duration test again for every use; kept apart, the date prefilter drives the
 # invoked_at index instead of a scan of all history. Results are the same either way.
 WINDOW_STATS_SQL: Final = f"""
-SELECT skill_name,
+SELECT CAST(skill_name AS BLOB),
        SUM(jd >= :recent),
        SUM(jd >= :recent AND completed = 1),
        SUM(jd >= :recent AND completed = 1 AND duration IS NOT NULL),
@@ -164,17 +203,59 @@ def shown_name(value: Any) -> str | None:
     return None
 
 
-def skill_row(row: Sequence[Any]) -> dict[str, Any]:
-    """A ``skill_metrics`` row (``SKILL_COLUMNS``) as a ``top_skills`` entry."""
-    name, total, completed, rate, avg_duration, last_invoked = row
+def text_or_none(value: Any) -> str | None:
+    """Text selected as its bytes, decoded; None for NULL and for bytes that are not UTF-8.
+
+    A number (``last_invoked`` may hold one) is shown as its text, as before.
+    """
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None if value is None else str(value)
+
+
+def skill_row(row: Sequence[Any]) -> dict[str, Any] | None:
+    """A ``skill_metrics`` row (``SKILL_COLUMNS``) as a ``top_skills`` entry.
+
+    None when the name is not UTF-8: such a skill can be neither shown nor subscribed to.
+    """
+    raw_name, total, completed, rate, avg_duration, last_invoked = row
+    name = text_or_none(raw_name)
+    if name is None:
+        return None
     return {
-        "skill_name": str(name),
+        "skill_name": name,
         "total_invocations": int_or_zero(total),
         "completion_rate": float_or_none(rate) or 0.0,
         "avg_duration_seconds": float_or_none(avg_duration, digits=3),
         "completed_invocations": int_or_zero(completed),
-        "last_invoked": None if last_invoked is None else str(last_invoked),
+        "last_invoked": text_or_none(last_invoked),
     }
+
+
+def table_anomaly(row: Sequence[Any]) -> tuple[dict[str, Any], float] | None:
+    """A ``TABLE_ANOMALIES_SQL`` row as an anomaly and the Unix time it expires at.
+
+    None when its name, time or type is not UTF-8 (the protocol requires all three).
+    """
+    # The query selects only text for these three, so each is bytes here.
+    raw_name, raw_time, raw_kind, baseline, observed, score, detected_jd = row
+    try:
+        name, detected_at, kind = raw_name.decode(), raw_time.decode(), raw_kind.decode()
+    except UnicodeDecodeError:
+        return None
+    payload = {
+        "skill_name": name,
+        "detected_at": detected_at,
+        "anomaly_type": kind,
+        "deviation_score": float_or_none(score),
+        "baseline_value": float_or_none(baseline),
+        "observed_value": float_or_none(observed),
+        "source": "table",
+    }
+    return payload, unix_time(float(detected_jd)) + ANOMALY_WINDOW
 
 
 def severity(anomaly: dict[str, Any]) -> tuple[float, str]:

@@ -11,6 +11,9 @@ What it holds is bounded whatever the database and the clients do: per-skill row
 between reads are capped (``MAX_CACHED_ROWS``, beyond the top skills and the skills of
 the read), and a snapshot keeps at most ``MAX_ANOMALIES`` anomalies per skill, so a
 one-skill frame is no larger than the all-skills one.
+
+All text is read as bytes and decoded by ``queries`` (never through the connection's
+``text_factory``, which stays the host's), so invalid UTF-8 costs only its row or field.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiosqlite
 
@@ -31,18 +34,18 @@ from session_buddy_realtime.data.detection import DetectionSettings, Finding, Wi
 from session_buddy_realtime.data.queries import (
     ANOMALY_WINDOW,
     MAX_TABLE_ANOMALIES,
-    NAME_OK,
-    SKILL_COLUMNS,
     TABLE_ANOMALIES_SQL,
     TOP_SKILLS_LIMIT,
     TOP_SQL,
     WINDOW_STATS_SQL,
     date_prefix,
-    float_or_none,
     julian_day,
+    named_rows_sql,
     severity,
     shown_name,
     skill_row,
+    table_anomaly,
+    text_or_none,
     unix_time,
 )
 from session_buddy_realtime.data.schema import missing_tables
@@ -58,6 +61,8 @@ MAX_CACHED_ROWS: Final = 1024
 """Per-skill rows kept between reads, beyond the top skills and the skills of the read."""
 # What a read can raise: SQLite's errors, and ValueError from a closed connection.
 _READ_ERRORS: Final = (sqlite3.Error, ValueError)
+_T = TypeVar("_T")
+_MAX_WIDENING: Final = 16
 
 
 @dataclass(slots=True)
@@ -176,7 +181,7 @@ class MetricsReader:
         return failures
 
     async def _refresh_skills(self, skills: Set[str]) -> None:
-        top = await self._fetchskill_rows(TOP_SQL, (TOP_SKILLS_LIMIT,))
+        top = await self._fetch_first(TOP_SQL, {}, skill_row, TOP_SKILLS_LIMIT)
         rows: dict[str, dict[str, Any] | None] = {row["skill_name"]: row for row in top}
         await self._fetch_named_rows(rows, skills)
         self._cache.top, self._cache.rows = top, rows
@@ -215,9 +220,27 @@ class MetricsReader:
         finally:
             await cursor.close()
 
-    async def _fetchskill_rows(self, sql: str, parameters: Sequence[Any]) -> list[dict[str, Any]]:
-        self.queries += 1
-        return [skill_row(row) for row in await self._fetch(sql, parameters)]
+    async def _fetch_first(
+        self,
+        sql: str,
+        parameters: dict[str, Any],
+        convert: Callable[[Sequence[Any]], _T | None],
+        count: int,
+    ) -> list[_T]:
+        # The first ``count`` rows that ``convert`` accepts, of a query ending in
+        # "LIMIT :limit". Python alone refuses some rows (text that is not UTF-8); so that
+        # they take no good row's place, the query runs again with twice the limit until
+        # it has ``count`` or there are no more rows (one query while there are none), up
+        # to _MAX_WIDENING times the limit: past that, bad rows cost the good ones their
+        # place, rather than the server its memory.
+        limit = count
+        while True:
+            self.queries += 1
+            result = await self._fetch(sql, {**parameters, "limit": limit})
+            kept = [item for row in result if (item := convert(row)) is not None]
+            if len(kept) >= count or len(result) < limit or limit >= count * _MAX_WIDENING:
+                return kept[:count]
+            limit *= 2
 
     async def _fetch_named_rows(
         self, rows: dict[str, dict[str, Any] | None], skills: Iterable[str]
@@ -225,44 +248,23 @@ class MetricsReader:
         wanted = sorted(name for name in skills if name not in rows)
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
-            marks = ",".join("?" for _ in chunk)
-            sql = (
-                f"SELECT {SKILL_COLUMNS} FROM skill_metrics "  # noqa: S608
-                f"WHERE skill_name IN ({marks}) AND {NAME_OK}"
-            )
-            found = {row["skill_name"]: row for row in await self._fetchskill_rows(sql, chunk)}
+            self.queries += 1
+            result = await self._fetch(named_rows_sql(len(chunk)), chunk)
+            # A stored name equal to a requested one has its bytes: it always decodes.
+            found = {row["skill_name"]: row for row in map(skill_row, result) if row is not None}
             for name in chunk:
                 rows[name] = found.get(name)
 
     async def _fetch_table_anomalies(self, now: float) -> list[_Anomaly]:
         since = now - ANOMALY_WINDOW
-        self.queries += 1
-        result = await self._fetch(
-            TABLE_ANOMALIES_SQL,
-            {
-                "prefix": date_prefix(since),
-                "since": julian_day(since),
-                "limit": MAX_TABLE_ANOMALIES,
-            },
+        parameters = {"prefix": date_prefix(since), "since": julian_day(since)}
+        found = await self._fetch_first(
+            TABLE_ANOMALIES_SQL, parameters, table_anomaly, MAX_TABLE_ANOMALIES
         )
-        anomalies = []
-        for name, detected_at, kind, baseline, observed, score, detected_jd in result:
-            anomalies.append(
-                _Anomaly(
-                    payload={
-                        "skill_name": str(name),
-                        "detected_at": str(detected_at),
-                        "anomaly_type": str(kind),
-                        "deviation_score": float_or_none(score),
-                        "baseline_value": float_or_none(baseline),
-                        "observed_value": float_or_none(observed),
-                        "source": "table",
-                    },
-                    expires_at=unix_time(float(detected_jd)) + ANOMALY_WINDOW,
-                    skill_name=str(name),
-                )
-            )
-        return anomalies
+        return [
+            _Anomaly(payload=payload, expires_at=expires_at, skill_name=payload["skill_name"])
+            for payload, expires_at in found
+        ]
 
     async def _fetch_live_anomalies(self, now: float) -> list[_Anomaly]:
         settings = self._detection
@@ -292,7 +294,7 @@ class MetricsReader:
                 last_recent_at=unix_time(float(row[10])) if row[10] is not None else now,
             )
             for row in result
-            if (name := shown_name(row[0])) is not None
+            if (name := shown_name(text_or_none(row[0]))) is not None
         ]
         findings = detect(stats, settings)
         stamp = format_timestamp(datetime.fromtimestamp(now, UTC))
