@@ -63,11 +63,14 @@ async def watch(
                 confirmed = False
                 async for raw in ws:
                     message = json.loads(raw)
-                    print(raw if as_json else render_message(message), file=out, flush=True)
                     kind = message.get("type")
                     confirmed = confirmed or kind == "subscription_confirmed"
-                    # Updates sent before the subscription took effect do not count.
-                    if confirmed and kind == "metrics_update" and message.get("skill") == skill:
+                    # Updates sent before the subscription took effect (for the default
+                    # subscription to all skills) are not what was asked for: not shown.
+                    if kind == "metrics_update" and not confirmed:
+                        continue
+                    print(raw if as_json else render_message(message), file=out, flush=True)
+                    if kind == "metrics_update" and message.get("skill") == skill:
                         received += 1
                         if count is not None and received >= count:
                             return 0

@@ -293,7 +293,7 @@ async def test_many_clients_subscribing_at_once_never_see_busy(
     caplog.set_level(logging.INFO, logger="session_buddy_realtime")
     for n in range(60):
         skills_db.record(f"many-{n:02d}", count=1 + n % 7)
-    server = await start_server()
+    server = await start_server(update_interval=1.0)  # a read deadline of 0.8 s
     clients = [await open_client(url_of(server)) for _ in range(50)]
     await asyncio.gather(
         *(

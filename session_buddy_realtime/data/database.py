@@ -148,8 +148,17 @@ class DatabaseSource:
                 self._busy_since = None
             return task.result()
         waited = time.monotonic() - self._read_started
-        if waited < within:  # our own deadline came first: the read is not late yet
-            return reader.cached(skills)
+        if waited < within:
+            # Our own deadline came first, behind reads for other callers: the database
+            # is not late, but our rows may not be read yet (never report them unknown).
+            if reader.has_rows(skills):
+                return reader.cached(skills)
+            return reader.cached(
+                skills,
+                SourceState.BUSY,
+                f"no answer within {within:.1f} s (reads for other clients came first); "
+                f"showing the last good data",
+            )
         if self._busy_since is None:
             self._busy_since = self._read_started
             logger.warning(

@@ -116,6 +116,10 @@ class MetricsReader:
         """True once a read has succeeded (there is last good data to serve)."""
         return self._cache.as_of is not None
 
+    def has_rows(self, skills: Set[str]) -> bool:
+        """True when the rows of ``skills`` have been read (found or not)."""
+        return all(name in self._cache.rows for name in skills)
+
     @property
     def cached_rows(self) -> int:
         """Number of per-skill rows held between reads (bounded; see ``MAX_CACHED_ROWS``)."""
