@@ -11,13 +11,23 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
-from tests.conftest import UNIT, Client, ClientFactory, ServerFactory, SkillsDB, url_of, wait_until
+from tests.conftest import (
+    UNIT,
+    Client,
+    ClientFactory,
+    ServerFactory,
+    SkillsDB,
+    iso,
+    url_of,
+    wait_until,
+)
 from tests.test_reliability import OP_TEXT, RawClient, client_frame
 
 OP_PING = 0x9
@@ -308,3 +318,26 @@ async def test_many_clients_subscribing_at_once_never_see_busy(
         assert update["source"]["state"] == "ok"
         assert [row["skill_name"] for row in update["data"]["top_skills"]] == [f"many-{n:02d}"]
     assert not [r for r in caplog.records if "taking longer" in r.getMessage()]
+
+
+async def test_a_stuck_client_is_noticed_before_the_kernel_absorbs_megabytes(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """A client that stops reading, with an ordinary receive buffer, is being skipped
+    once a few hundred KiB went its way, not megabytes: every accepted socket's kernel
+    send buffer is capped, so the server notices at once and holds little for it."""
+    now = datetime.now(UTC)
+    for i in range(40):  # frames of several KiB
+        ranked_db.add_anomaly(f"skill-{i % 12 + 1:02d}", iso(now - timedelta(minutes=i)))
+    server = await start_server(update_interval=0.01, slow_client_timeout=60.0, ping_interval=None)
+    frame = len(json.dumps(await server.snapshot()))
+    stuck = await RawClient.open(server.port)  # reads nothing from here on
+    try:
+        await wait_until(
+            lambda: any(c["congested"] for c in server.status()["clients"]), timeout=200 * UNIT
+        )
+        [described] = server.status()["clients"]
+        written = described["messages_sent"] * frame
+        assert written < 1 << 20, f"{written} bytes went to a client that reads nothing"
+    finally:
+        await stuck.close()
