@@ -9,8 +9,10 @@ import logging
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +20,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
+from session_buddy_realtime import RealTimeMetricsServer
 from tests.conftest import (
+    INTERVAL,
     UNIT,
     Client,
     ClientFactory,
@@ -341,3 +345,61 @@ async def test_a_stuck_client_is_noticed_before_the_kernel_absorbs_megabytes(
         assert written < 1 << 20, f"{written} bytes went to a client that reads nothing"
     finally:
         await stuck.close()
+
+
+async def test_failed_handshakes_and_plain_requests_hold_no_connection_slot(
+    ranked_db: SkillsDB, start_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """With room for two connections, plain GETs (426) and an upgrade the library rejects
+    (no Sec-WebSocket-Key, 400) leave both slots free for real clients at once."""
+    server = await start_server(max_connections=2, close_timeout=5.0)
+    kept_open = []
+    for request in (
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request.encode())
+        async with asyncio.timeout(40 * UNIT):
+            status = (await reader.readline()).split()[1]
+        assert status in {b"426", b"400"}
+        kept_open.append(writer)  # as a client that lingers would
+    try:
+        clients = [await open_client(url_of(server)) for _ in range(2)]
+        for client in clients:
+            await client.recv_type("metrics_update")
+    finally:
+        for writer in kept_open:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def test_stop_is_not_held_up_by_a_read_waiting_on_a_lock(
+    ranked_db: SkillsDB, open_client: ClientFactory
+) -> None:
+    """stop() while another process holds the database's write lock and a read waits on
+    it returns within close_timeout plus the source's one-second lock wait, not after
+    SQLite's default five seconds."""
+    with ranked_db.connect() as conn:
+        assert conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    server = RealTimeMetricsServer(
+        "127.0.0.1", 0, ranked_db.path, update_interval=INTERVAL, close_timeout=0.2
+    )
+    await server.start()
+    client = await open_client(url_of(server))
+    await client.recv_type("metrics_update")
+    holder = sqlite3.connect(ranked_db.path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        await wait_until(lambda: server.status()["database"]["state"] == "busy")
+        began = time.monotonic()
+        await server.stop()
+        elapsed = time.monotonic() - began
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await server.stop()
+    assert elapsed < 0.2 + 1.0 + 0.5, f"stop() took {elapsed:.2f} s"

@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from session_buddy_realtime import RealTimeMetricsServer, ServerStartError
-from session_buddy_realtime.stream.security import redact, tokens_match
+from session_buddy_realtime.stream.security import AuthThrottle, redact, tokens_match
 from tests.conftest import UNIT, Client, ClientFactory, ServerFactory, SkillsDB, url_of, wait_until
 
 TOKEN = "correct-horse-battery-staple-42"
@@ -427,3 +427,14 @@ def test_serve_and_watch_with_a_token(ranked_db: SkillsDB, tmp_path: Path, free_
         serve.terminate()
         _, errors = serve.communicate(timeout=200 * UNIT)
     assert TOKEN not in errors
+
+
+def test_the_auth_throttle_caps_its_wait_and_never_overflows() -> None:
+    """An address that guesses each time its block ends keeps being blocked for at most
+    `longest` seconds, even after thousands of failures (2.0 ** n would overflow)."""
+    throttle = AuthThrottle()
+    now = 0.0
+    for _ in range(3000):
+        now += throttle.wait("203.0.113.9", now)
+        throttle.failed("203.0.113.9", now)
+    assert throttle.wait("203.0.113.9", now) == throttle.longest

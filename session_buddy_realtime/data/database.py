@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DB_PATH: Final = Path(".session-buddy/skills.db")
 _FIRST_READ_WAIT: Final = 5.0
+_LOCK_WAIT: Final = 1.0
+"""Seconds a read of the source's own connection waits for another process's lock.
+
+Longer than a tick's deadline (so a lock shows as ``busy``, then ``error`` if it lasts),
+short enough that ``stop()``, which must let a running read finish before it can close
+the connection, is not held up for SQLite's default 5 s."""
 
 
 class DatabaseSource:
@@ -242,7 +248,7 @@ class DatabaseSource:
 
 async def _connect_read_only(path: Path) -> aiosqlite.Connection:
     uri = f"file:{quote(str(path.expanduser().resolve()))}?mode=ro"  # noqa: ASYNC240
-    return await aiosqlite.connect(uri, uri=True)
+    return await aiosqlite.connect(uri, uri=True, timeout=_LOCK_WAIT)
 
 
 def _file_identity(path: Path) -> tuple[int, int]:

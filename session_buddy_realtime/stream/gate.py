@@ -255,8 +255,19 @@ class HandshakeGate:
                 )
             self.throttle.succeeded(ip)
             self.registry.preauthenticated.add(connection)
-        self.registry.admitted.add(connection)
         return None
+
+    def responded(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """After the handshake's answer: a WebSocket that opened counts as admitted.
+
+        A refusal, a plain route's answer or an upgrade the library rejected holds no
+        slot. No await comes between ``admit`` and this, so concurrent handshakes never
+        admit more than the limit.
+        """
+        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+            self.registry.admitted.add(connection)
+        else:
+            self.registry.preauthenticated.discard(connection)
 
     def _malformed(self, connection: ServerConnection, what: str) -> Response:
         return self._refuse(

@@ -94,6 +94,7 @@ async def listen(
             close_timeout=close_timeout,
             create_connection=tracking_connection_class(router.gate.registry),
             process_request=router,
+            process_response=router.gate.responded,
             ssl=ssl_context,
             logger=redacting_logger("session_buddy_realtime.websockets"),
             backlog=listen_backlog(),

@@ -219,9 +219,8 @@ class AuthThrottle:
         now = time.monotonic() if now is None else now
         failures, _, last = self._addresses.pop(address, (0, 0.0, now))
         failures = 1 if now - last > self.forget else failures + 1
-        blocked = (
-            0.0 if failures < self.free else min(2.0 ** (failures - self.free + 1), self.longest)
-        )
+        doublings = min(failures - self.free + 1, 32)  # 2 ** 32 s is past any ``longest``
+        blocked = 0.0 if failures < self.free else min(2.0**doublings, self.longest)
         self._addresses[address] = (failures, now + blocked, now)
         while len(self._addresses) > self.max_addresses:
             del self._addresses[next(iter(self._addresses))]

@@ -207,6 +207,7 @@ class ClientSession(Subscriber):
             if wait > 0 or not tokens_match(token, expected):
                 self.hub.stats.auth_failures += 1
                 if wait > 0:
+                    self.hub.stats.refused["auth_throttled"] += 1
                     reason = f"too many failed attempts; retry in {wait:.0f} s"
                 else:
                     throttle.failed(self.ip)
