@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DB_PATH: Final = Path(".session-buddy/skills.db")
 _FIRST_READ_WAIT: Final = 5.0
+_MAX_WANTED: Final = 4096
 _LOCK_WAIT: Final = 1.0
 """Seconds a read of the source's own connection waits for another process's lock.
 
@@ -136,8 +137,8 @@ class DatabaseSource:
             self._read_skills, self._wanted = frozenset(skills | self._wanted), set()
             self._read_task = asyncio.create_task(reader.read(self._read_skills))
             self._read_started = now
-        elif not skills <= self._read_skills:
-            self._wanted |= skills
+        elif not skills <= self._read_skills and len(self._wanted) < _MAX_WANTED:
+            self._wanted |= skills  # bounded, should a read stay stuck while clients ask
         task = self._read_task
         wait = min(deadline, self._read_started + within) - now
         if not reader.has_data:  # an empty "busy" snapshot would help nobody
