@@ -144,8 +144,13 @@ async def test_half_open_sockets_from_one_address_do_not_lock_out_the_others(
     server = await start_server(max_connections=10, max_connections_per_ip=4, open_timeout=5.0)
     hostile = _half_open_from("127.0.0.2", server.port, 60)
     try:
-        await wait_until(lambda: server.status()["refused"].get("too_many_sockets_from_ip", 0) > 0)
-        assert server.status()["connections"] <= 4 + 16
+        # Dropped at accept: each one counted, then gone once its reset completes.
+        await wait_until(
+            lambda: (
+                server.status()["refused"].get("too_many_sockets_from_ip", 0) >= 60 - 20
+                and server.status()["connections"] <= 4 + 16
+            )
+        )
         client = await open_client(url_of(server))
         await client.recv_type("metrics_update")
     finally:
@@ -402,4 +407,4 @@ async def test_stop_is_not_held_up_by_a_read_waiting_on_a_lock(
         holder.execute("ROLLBACK")
         holder.close()
         await server.stop()
-    assert elapsed < 0.2 + 1.0 + 0.5, f"stop() took {elapsed:.2f} s"
+    assert elapsed < 0.2 + 1.0 + 1.0, f"stop() took {elapsed:.2f} s"  # SQLite alone: 5 s
