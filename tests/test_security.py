@@ -208,6 +208,41 @@ async def test_a_silent_tls_handshake_is_dropped_after_open_timeout(
         await writer.wait_closed()
 
 
+async def test_sockets_in_their_tls_handshake_count_against_the_caps(
+    ranked_db: SkillsDB,
+    start_server: ServerFactory,
+    tls_files: tuple[Path, Path],
+    certificate_authority: trustme.CA,
+) -> None:
+    """Sixty raw TCP connections from 127.0.0.2 to a wss:// server that never start TLS
+    are counted from their accept, so those over the per-address cap are reset at once,
+    and a real TLS client from another address connects and streams meanwhile."""
+    cert, key = tls_files
+    server = await start_server(
+        ssl_certfile=cert, ssl_keyfile=key, max_connections_per_ip=4, open_timeout=5.0
+    )
+    silent = []
+    for _ in range(60):
+        sock = socket.socket()
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", server.port))
+        silent.append(sock)
+    try:
+        await wait_until(
+            lambda: (
+                server.status()["refused"].get("too_many_sockets_from_ip", 0) >= 60 - 20
+                and server.status()["connections"] <= 4 + 16
+            )
+        )
+        context = ssl.create_default_context()
+        certificate_authority.configure_trust(context)
+        async with connect(url_of(server), ssl=context, open_timeout=40 * UNIT) as ws:
+            await Client(ws).recv_type("metrics_update")
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 @pytest.mark.parametrize("broken", ["missing cert", "missing key", "mismatched pair", "not pem"])
 async def test_bad_tls_files_fail_at_start_naming_the_file(
     broken: str,

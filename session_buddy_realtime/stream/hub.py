@@ -28,7 +28,7 @@ from session_buddy_realtime.protocol import (
     format_timestamp,
     subscription_confirmed_message,
 )
-from session_buddy_realtime.stream.gate import drop
+from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
 from session_buddy_realtime.stream.stats import StreamStats
 
 __all__ = ["Hub", "Subscriber"]
@@ -330,25 +330,28 @@ class Hub(Generic[S]):
         except TimeoutError:
             connection.transport.abort()
 
-    async def close_all(self, listener: Server, connections: Set[ServerConnection]) -> None:
+    async def close_all(self, listener: Server, registry: ConnectionRegistry) -> None:
         """Stop the broadcaster and close every connection, within ``close_timeout``.
 
-        ``connections`` are all the listener's open ones, handshakes included. Those still
-        in the handshake, and clients so far behind that a close frame would wait behind
-        their backlog, are dropped at once; the rest get 1001. Whoever has not finished
-        the closing handshake in ``close_timeout`` (a stuck client cannot even receive the
-        close frame) is dropped too. Every session is forgotten.
+        ``registry`` holds all the listener's open connections, handshakes included. Those
+        still in the handshake (TLS or WebSocket), and clients so far behind that a close
+        frame would wait behind their backlog, are dropped at once; the rest get 1001.
+        Whoever has not finished the closing handshake in ``close_timeout`` (a stuck client
+        cannot even receive the close frame) is dropped too. Every session is forgotten.
         """
         self._stopping.set()
         task, self._broadcaster = self._broadcaster, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        connections = registry.connections
         for connection in list(connections):
             if connection.state is State.CONNECTING:
                 connection.transport.abort()
             elif connection.transport.get_write_buffer_size() > self.max_buffered_bytes:
                 drop(connection)  # reset: its backlog is discarded, not sent first
+        if registry.tls_handshakes:
+            await asyncio.gather(*registry.tls_handshakes, return_exceptions=True)
         listener.close(close_connections=True, code=CloseCode.GOING_AWAY)
         try:
             async with asyncio.timeout(self.close_timeout):

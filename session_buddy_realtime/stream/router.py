@@ -92,10 +92,12 @@ async def listen(
             # connection: less memory per client, pings spread over time.
             ping_interval=None,
             close_timeout=close_timeout,
-            create_connection=tracking_connection_class(router.gate.registry),
+            # TLS is done by the connection class, after the socket is counted.
+            create_connection=tracking_connection_class(
+                router.gate.registry, tls=ssl_context, tls_timeout=open_timeout
+            ),
             process_request=router,
             process_response=router.gate.responded,
-            ssl=ssl_context,
             logger=redacting_logger("session_buddy_realtime.websockets"),
             backlog=listen_backlog(),
         )

@@ -301,7 +301,7 @@ class RealTimeMetricsServer:
                 return
             if self._keepalive is not None:
                 await self._keepalive.stop()
-            await self._hub.close_all(running.listener, running.registry.connections)
+            await self._hub.close_all(running.listener, running.registry)
             await self._source.close()
             logger.info("stopped")
 
