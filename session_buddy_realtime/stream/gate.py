@@ -44,7 +44,6 @@ __all__ = [
     "default_max_connections",
     "drop",
     "listen_backlog",
-    "pending_allowance",
     "tracking_connection_class",
 ]
 
@@ -58,7 +57,7 @@ _LOG_EVERY: Final = 1.0
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
-def pending_allowance(max_connections: int) -> int:
+def _pending_allowance(max_connections: int) -> int:
     """Sockets allowed beyond ``max_connections`` while their handshakes are in flight."""
     return max(16, min(1024, max_connections // 10))
 
@@ -85,7 +84,7 @@ class ConnectionRegistry:
 
     def add(self, connection: ServerConnection) -> None:
         """Count a connection just accepted; drop it if it is over a socket cap."""
-        ip = ip_of(connection)
+        ip = _ip_of(connection)
         self.connections.add(connection)
         self.per_ip[ip] += 1
         if self.per_ip[ip] > self.max_sockets_per_ip:
@@ -97,7 +96,7 @@ class ConnectionRegistry:
         """Forget a connection that closed."""
         if connection in self.connections:
             self.connections.discard(connection)
-            ip = ip_of(connection)
+            ip = _ip_of(connection)
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
@@ -124,14 +123,14 @@ class ConnectionRegistry:
         skipping its updates) waits for it is not reading: it is dropped.
         """
         return cls(
-            max_sockets=min(max_connections + pending_allowance(max_connections), _usable_files()),
+            max_sockets=min(max_connections + _pending_allowance(max_connections), _usable_files()),
             max_sockets_per_ip=max_connections_per_ip + _PER_IP_SLACK,
             write_limit=2 * max_buffered_bytes,
             dropped=dropped,
         )
 
 
-def ip_of(connection: ServerConnection) -> str:
+def _ip_of(connection: ServerConnection) -> str:
     """The peer's address, or "unknown"."""
     peer = connection.transport.get_extra_info("peername") if connection.transport else None
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
@@ -251,7 +250,7 @@ class HandshakeGate:
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "server is at its connection limit; try again later",
             )
-        if self.registry.per_ip[ip_of(connection)] > self.max_connections_per_ip:
+        if self.registry.per_ip[_ip_of(connection)] > self.max_connections_per_ip:
             return self._refuse(
                 connection,
                 "too_many_connections_from_ip",
@@ -282,7 +281,7 @@ class HandshakeGate:
             )
         provided = handshake_token(headers.raw_items(), request.path)
         if provided is not None and self.token is not None:
-            ip = ip_of(connection)
+            ip = _ip_of(connection)
             wait = self.throttle.wait(ip)
             if wait > 0:
                 return self._refuse(
@@ -327,7 +326,7 @@ class HandshakeGate:
             self._logged_at[reason] = now
             logger.debug(
                 "refused a connection from %s: %s (%d so far)",
-                ip_of(connection),
+                _ip_of(connection),
                 reason,
                 self.refused[reason],
             )
@@ -337,7 +336,7 @@ class HandshakeGate:
 def default_max_connections() -> int:
     """10,000 connections, or fewer when the open-file limit is lower."""
     usable = _usable_files()
-    return max(1, min(10_000, usable - pending_allowance(usable)))
+    return max(1, min(10_000, usable - _pending_allowance(usable)))
 
 
 def listen_backlog() -> int:

@@ -45,7 +45,7 @@ class Subscriber:
     connection: ServerConnection
     remote: str
     connected_at: float
-    # The subscription: changed only through the hub.
+    # The subscription: what the hub delivers (set by the hub and the session).
     subscribed: bool = True
     skill: str | None = None
     # Delivery, kept by the hub.
