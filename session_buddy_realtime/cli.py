@@ -1,4 +1,4 @@
-"""The ``session-buddy-realtime`` command: ``serve``, ``watch`` and ``mcp``."""
+"""The ``session-buddy-realtime`` command: ``serve``, ``watch``, ``mcp`` and ``run``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from session_buddy_realtime._version import __version__
 from session_buddy_realtime.data.demo import DEFAULT_DEMO_DB_PATH, DemoWriter, prepare_demo_database
 from session_buddy_realtime.errors import ConfigError, RealtimeError
+from session_buddy_realtime.host import launcher
 from session_buddy_realtime.host.settings import load_settings
 from session_buddy_realtime.host.stdio import run_stdio
 from session_buddy_realtime.stream.security import RedactSecrets
@@ -126,12 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log level on stderr (info)",
     )
+    run_cmd = commands.add_parser(
+        "run",
+        help="run Session-Buddy with the plugins loaded",
+        description="Run Session-Buddy's own command with the session_buddy plugins "
+        "loaded: 'run -- session-buddy start' (HTTP) or 'run -- python -m "
+        "session_buddy.server' (stdio). Other commands run unchanged.",
+    )
+    run_cmd.add_argument(
+        "target", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        target = args.target[1:] if args.target[:1] == ["--"] else args.target
+        if not target:
+            print("error: run needs a command, e.g. 'run -- session-buddy start'", file=sys.stderr)
+            return 2
+        return launcher.run(target)
     try:
         if args.command == "serve":
             _configure_logging(args.log_level)
@@ -139,8 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "mcp":
             # stdout carries the protocol: logs go to stderr, nothing is printed.
             _configure_logging(args.log_level)
-            asyncio.run(run_stdio(args.db))
-            return 0
+            return run_stdio(args.db)
         token = _token_from(args.token_file) or os.environ.get("SESSION_BUDDY_REALTIME_TOKEN")
         return asyncio.run(
             watch(
@@ -206,6 +222,12 @@ async def _serve(args: argparse.Namespace) -> int:
     writer_task = asyncio.create_task(writer.run()) if writer is not None else None
     print(f"Streaming skill metrics from {db_path} on {', '.join(server.urls)}", flush=True)
     print(f"Watch it with: session-buddy-realtime watch --url {server.urls[0]}", flush=True)
+    if not db_path.is_file():  # noqa: ASYNC240 - one stat at start
+        print(
+            f"Waiting for the skills database {db_path.resolve()}: it does not exist yet; "  # noqa: ASYNC240
+            f"the stream says so until the file appears.",
+            flush=True,
+        )
     print("Press Ctrl-C to stop.", flush=True)
     writer_failed = False
     try:

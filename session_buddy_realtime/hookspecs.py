@@ -8,6 +8,7 @@ file imports nothing else of this package.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +45,17 @@ class HostContext:
     """What a host hands to plugins.
 
     Attributes:
-        db: The host's open skills-database connection (None until the host opened it).
-        db_path: Where that database lives, if known.
+        db: The host's open skills-database connection: an ``aiosqlite.Connection``, or a
+            synchronous ``sqlite3.Connection`` opened with ``check_same_thread=False`` (as
+            Session-Buddy's ``SkillsStorage`` opens it). Plugins only read it, never close
+            it. None until the host opened it, or when it has none yet.
+        db_path: Where that database lives, if known (it may not exist yet).
         settings: Environment-style settings (``SESSION_BUDDY_REALTIME_PORT`` and so on).
         state: Per-host state for plugins, keyed by plugin name; nothing global.
         plugin_errors: Every plugin failure so far, for status displays.
     """
 
-    db: aiosqlite.Connection | None = None
+    db: aiosqlite.Connection | sqlite3.Connection | None = None
     db_path: Path | None = None
     settings: Mapping[str, str] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +78,8 @@ def startup(host: HostContext) -> Awaitable[None] | None:
 
     Return None, or an awaitable that the host awaits (this is where auto-start happens).
 
-    :param host: The host context, with ``db`` open.
+    :param host: The host context, with ``db`` open if the host has a connection (else
+        ``db_path`` names the database, which may not exist yet).
     """
 
 

@@ -7,6 +7,7 @@ an output line or an exit, never on a fixed sleep; every process is killed at te
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from session_buddy_realtime import __version__
 from session_buddy_realtime.data.schema import SCHEMA_SQL
-from tests.conftest import SERVER_MESSAGE, UNIT, SkillsDB
+from tests.conftest import SERVER_MESSAGE, UNIT, Client, SkillsDB
 
 COMMAND = [sys.executable, "-m", "session_buddy_realtime.cli"]
 STARTUP = 200 * UNIT
@@ -323,18 +325,33 @@ def test_every_stop_signal_stops_serve_as_cleanly_as_ctrl_c(
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
-def test_serve_missing_database_exits_1_naming_it(tmp_path: Path) -> None:
-    """``serve`` without ``--demo`` refuses a database file that does not exist."""
-    missing = tmp_path / "nowhere" / "skills.db"
-
-    result = run_cli("serve", "--port", "0", "--db", str(missing), cwd=tmp_path)
-
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert "skills database not found" in result.stderr
-    assert str(missing.resolve()) in result.stderr
-    assert "Traceback" not in result.stderr
+def test_serve_on_a_missing_database_says_it_waits_then_streams_it(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """``serve`` without ``--demo`` on a path with no file says at once, in one line, that it
+    waits for that file (creating nothing); a client sees ``waiting``, then the data once
+    another process creates the database."""
+    missing = tmp_path / "later" / "skills.db"
+    process = spawn("serve", "--port", "0", "--db", str(missing), "--interval", "0.1")
+    server = started(process)
+    line = process.stdout.wait_for(r"^Waiting for the skills database (\S+):", STARTUP)
+    assert line.group(1) == str(missing.resolve())
     assert not missing.parent.exists(), "nothing is created"
+
+    async def follow() -> None:
+        async with connect(server.url) as ws:
+            client = Client(ws)
+            await client.recv_type("connected")
+            await client.send_json({"type": "subscribe"})
+            update = await client.recv_type("metrics_update")
+            assert update["source"]["state"] == "waiting"
+            missing.parent.mkdir()
+            SkillsDB(missing).record("pytest-run", completed=True)
+            while "pytest-run" not in [r["skill_name"] for r in update["data"]["top_skills"]]:
+                update = await client.recv_type("metrics_update", timeout=STARTUP)
+            assert update["source"]["state"] == "ok"
+
+    asyncio.run(follow())
 
 
 def test_serve_demo_refuses_a_foreign_sqlite_file(tmp_path: Path) -> None:

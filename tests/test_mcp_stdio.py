@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -439,30 +440,63 @@ async def test_autostart_off_then_realtime_start(launch: Launch, tmp_path: Path)
     assert "Traceback" not in mcp.stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_signal_stops_the_host_like_the_end_of_input(
+    launch: Launch, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGINT or SIGTERM while the client keeps stdin open stops the host at once, through
+    its shutdown hooks (the dashboard is closed with 1001), with exit status 0."""
+    db = SkillsDB(tmp_path / "skills.db")
+    db.record("alpha")
+    mcp = await launch(db.path)
+    await mcp.initialize()
+    status = await mcp.ok("realtime_status")
+    async with connect(status["urls"][0], open_timeout=40 * UNIT, close_timeout=4 * UNIT) as ws:
+        assert (await Client(ws).recv())["type"] == "connected"
+        mcp.process.send_signal(signum)
+        async with asyncio.timeout(EXIT):
+            assert await mcp.process.wait() == 0
+        assert await close_code(ws) == 1001, "the shutdown hook closed the dashboard"
+    mcp.assert_only_jsonrpc_on_stdout()
+
+
 async def test_missing_database_still_serves_mcp(launch: Launch, tmp_path: Path) -> None:
-    """With a --db file that does not exist the host still serves its tools; auto-start and
-    realtime_start report the missing path, and nothing is created there."""
+    """With a --db file that does not exist the host serves its tools and auto-starts the
+    stream waiting on that path (status and stream say so, nothing is created); when the
+    database appears with its tables, its data flows without a restart."""
     missing = tmp_path / "nowhere" / "skills.db"
     mcp = await launch(missing)
     await mcp.initialize()
 
     assert set(tools_by_name(await mcp.request("tools/list"))) == TOOLS
     status = await mcp.ok("realtime_status")
-    assert status["running"] is False
-    outcome = status["autostart"]["outcome"]
-    assert outcome.startswith("failed"), outcome
-    assert str(missing) in outcome
-    assert "skills database not found" in outcome
+    assert status["running"] is True
+    assert status["autostart"] == {"enabled": True, "outcome": "started"}
+    assert status["database"]["shared_connection"] is False
+    assert status["database"]["path"] == str(missing)
+    assert status["database"]["state"] == "waiting"
+    assert f"waiting for the skills database at {missing}" in status["database"]["message"]
+    assert (await mcp.ok("realtime_start", {"port": 0}))["urls"] == status["urls"]
 
-    message = await mcp.fails("realtime_start", {"port": 0})
-    assert "skills database not found" in message
-    assert str(missing) in message
-    assert (await mcp.ok("realtime_status"))["running"] is False
+    async with connect(status["urls"][0], open_timeout=40 * UNIT, close_timeout=4 * UNIT) as ws:
+        dashboard = Client(ws)
+        assert (await dashboard.recv())["type"] == "connected"
+        waiting = await dashboard.recv_type("metrics_update")
+        assert waiting["source"]["state"] == "waiting"
+        assert str(missing) in waiting["source"]["message"]
+        assert not missing.parent.exists(), "nothing is created"
+
+        missing.parent.mkdir()
+        SkillsDB(missing).record("appeared-later", count=2)
+        async with asyncio.timeout(100 * UNIT):
+            while True:
+                update = await dashboard.recv_type("metrics_update")
+                if update["source"]["state"] == "ok":
+                    break
+        assert [row["skill_name"] for row in update["data"]["top_skills"]] == ["appeared-later"]
 
     assert await mcp.close_stdin_and_wait() == 0
     mcp.assert_only_jsonrpc_on_stdout()
-    assert not missing.exists()
-    assert not missing.parent.exists(), "nothing is created"
     assert "Traceback" not in mcp.stderr
 
 

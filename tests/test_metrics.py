@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -11,8 +12,9 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from session_buddy_realtime.data.connection import ThreadedReads
 from session_buddy_realtime.data.reader import MAX_CACHED_ROWS, MetricsReader
-from session_buddy_realtime.data.schema import SCHEMA_SQL
+from session_buddy_realtime.data.schema import SCHEMA_SQL, missing_tables
 from session_buddy_realtime.data.source import SourceState
 from session_buddy_realtime.protocol import format_timestamp, metrics_update_message
 from tests.conftest import SERVER_MESSAGE, SkillsDB, iso
@@ -226,6 +228,44 @@ async def test_host_row_factory_is_left_alone(ranked_db: SkillsDB) -> None:
             assert isinstance(await cursor.fetchone(), dict)
 
 
+async def test_sync_connection_reads_like_aiosqlite_and_is_left_as_it_was(
+    ranked_db: SkillsDB, reader: aiosqlite.Connection
+) -> None:
+    """Through a host's sqlite3.Connection (row_factory sqlite3.Row, read on our thread) the
+    reader returns what it returns through aiosqlite, sees the host's own uncommitted and
+    committed writes, and leaves the row factory, the transaction state and the connection
+    as they were."""
+    expected = await MetricsReader(reader).read({"skill-12"})
+    host = sqlite3.connect(ranked_db.path, check_same_thread=False)
+    host.row_factory = sqlite3.Row
+    shared = await ThreadedReads.shared(host)
+    try:
+        source = MetricsReader(shared)
+        snapshot = await source.read({"skill-12"})
+        assert snapshot.top_skills == expected.top_skills
+        assert snapshot.skills == expected.skills
+        assert not await missing_tables(shared)
+        host.execute(
+            "INSERT INTO skill_invocation (skill_name, invoked_at, completed, duration_seconds) "
+            "VALUES ('through-the-host', ?, 1, 1.0)",
+            (iso(datetime.now(UTC)),),
+        )
+        host.executemany(
+            "INSERT INTO skill_invocation (skill_name, invoked_at, completed) VALUES (?, ?, 1)",
+            [("through-the-host", iso(datetime.now(UTC)))] * 40,
+        )
+        seen = await source.read()  # total_changes moved: data_version alone misses it
+        assert seen.top_skills[0]["skill_name"] == "through-the-host"
+        assert host.in_transaction, "the host's own transaction is its own"
+        host.commit()
+        assert (await source.read()).top_skills[0]["total_invocations"] == 41
+    finally:
+        await shared.close()
+    assert host.row_factory is sqlite3.Row
+    assert isinstance(host.execute("SELECT 1 AS one").fetchone(), sqlite3.Row)
+    host.close()
+
+
 async def test_missing_tables_are_reported_then_recovered(tmp_path: Path) -> None:
     """A database without the tables reads as 'missing_tables' naming them, until created."""
     path = tmp_path / "empty.db"
@@ -237,7 +277,7 @@ async def test_missing_tables_are_reported_then_recovered(tmp_path: Path) -> Non
         assert snapshot.message is not None
         assert "skill_metrics" in snapshot.message
         assert snapshot.source()["stale"] is True
-        with sqlite3.connect(path) as writer:
+        with contextlib.closing(sqlite3.connect(path)) as writer:
             writer.executescript(SCHEMA_SQL)
         snapshot = await source.read()
         assert snapshot.state is SourceState.OK

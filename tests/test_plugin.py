@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -12,13 +13,15 @@ import aiosqlite
 import pluggy
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 
-from session_buddy_realtime import hookspecs, plugin
+from session_buddy_realtime import __version__, hookspecs, plugin
 from session_buddy_realtime.errors import ConfigError
 from session_buddy_realtime.host import HostContext, PluginHost, create_plugin_manager, hookimpl
 from session_buddy_realtime.host.service import service_for
 from session_buddy_realtime.host.settings import RealtimeSettings, load_settings
 from session_buddy_realtime.host.tools import TOOL_NAMES
+from session_buddy_realtime.protocol import WELCOME_TEXT
 from tests.conftest import Client, SkillsDB
 from tests.mcp_support import make_mcp_server, mcp_session
 
@@ -198,8 +201,45 @@ async def test_autostart_next_port_when_another_instance_serves(
     assert status["running"] is True
     assert status["requested_port"] == port
     assert status["port"] != port
-    assert "another session-buddy-realtime instance is serving" in status["note"]
+    assert f"another session-buddy-realtime instance ({__version__}) is serving" in status["note"]
     assert f"listening on port {status['port']} instead" in status["note"]
+    assert status["port_holder"] == {
+        "port": port,
+        "kind": "session-buddy-realtime",
+        "server_version": __version__,
+    }
+
+
+async def test_autostart_tells_session_buddys_own_realtime_server_from_ours(
+    host_db: aiosqlite.Connection,
+) -> None:
+    """A port held by a server sending Session-Buddy 0.23's own welcome (our welcome text, no
+    server_version) is reported as Session-Buddy's own realtime server, in the note and in
+    port_holder."""
+
+    async def session_buddy_welcome(ws: ServerConnection) -> None:
+        # The welcome of session_buddy/realtime/websocket_server.py in Session-Buddy 0.23.
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "connected",
+                    "message": WELCOME_TEXT,
+                    "authenticated": False,
+                    "timestamp": "2026-12-02T00:00:00+00:00",
+                }
+            )
+        )
+        await ws.wait_closed()
+
+    async with serve(session_buddy_welcome, "127.0.0.1", 0) as theirs:
+        port = theirs.sockets[0].getsockname()[1]
+        host = HostContext(settings={**LOOPBACK, "SESSION_BUDDY_REALTIME_PORT": str(port)})
+        async with PluginHost(host, fresh_manager(plugin)).lifespan(host_db):
+            status = service_for(host).status()
+    assert status["running"] is True
+    assert status["port"] != port
+    assert f"Session-Buddy's own realtime server is serving ws://127.0.0.1:{port}" in status["note"]
+    assert status["port_holder"] == {"port": port, "kind": "session-buddy", "server_version": None}
 
 
 async def test_autostart_with_every_port_taken_never_fails_the_launch(

@@ -365,16 +365,17 @@ async def test_deleted_file_is_reported_and_a_new_file_is_followed(
     open_client: ClientFactory,
     watch: Callable[[Client], Stream],
 ) -> None:
-    """Deleting the open database gives 'error' saying the file is gone (last good data
+    """Deleting the open database gives 'waiting' saying the file is gone (last good data
     kept); a new database created at the same path is picked up without a restart."""
     server = await start_server()
     stream, good = await healthy_stream(server, open_client, watch)
     cadence = Cadence(server, stream)
     _remove_database(ranked_db.path)
-    gone = await stream.until(lambda u: u["source"]["state"] == "error")
+    gone = await stream.until(lambda u: u["source"]["state"] == "waiting")
     assert gone["source"]["stale"] is True
     assert "gone" in gone["source"]["message"]
-    assert str(ranked_db.path.name) in gone["source"]["message"]
+    assert str(ranked_db.path) in gone["source"]["message"]
+    assert server.status()["database"]["state"] == "waiting"
     assert gone["data"]["top_skills"] == good["data"]["top_skills"]
     for update in await stream.more(3):
         assert update["source"] == gone["source"]

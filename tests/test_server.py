@@ -525,15 +525,28 @@ async def test_port_in_use_fails_cleanly_and_a_later_start_works(
         assert server.urls == [f"ws://127.0.0.1:{free_port}"]
 
 
-async def test_missing_database_is_a_named_error_and_is_not_created(tmp_path: Path) -> None:
-    """A db_path that does not exist raises DatabaseNotFoundError naming it; no file appears."""
+async def test_missing_database_starts_waiting_and_is_not_created(
+    tmp_path: Path, open_client: ClientFactory
+) -> None:
+    """A db_path that does not exist starts anyway, waiting (state and absolute path in the
+    stream and in status), raises no DatabaseNotFoundError and creates nothing."""
     missing = tmp_path / "nope" / "skills.db"
-    server = RealTimeMetricsServer(host="127.0.0.1", port=0, db_path=missing)
-    with pytest.raises(DatabaseNotFoundError, match=r"skills\.db"):
-        await server.start()
+    async with RealTimeMetricsServer(
+        host="127.0.0.1", port=0, db_path=missing, update_interval=INTERVAL
+    ) as server:
+        assert server.running
+        database = server.status()["database"]
+        assert database["state"] == "waiting"
+        assert f"waiting for the skills database at {missing}" in database["message"]
+        client = await open_client(url_of(server))
+        update = await client.recv_type("metrics_update")
+        assert update["source"]["state"] == "waiting"
+        assert update["source"]["stale"] is True
+        assert str(missing) in update["source"]["message"]
+        assert update["data"] == {"top_skills": [], "anomalies": []}
     assert not missing.exists()
     assert not missing.parent.exists()
-    assert not server.running
+    assert issubclass(DatabaseNotFoundError, ServerStartError), "still exported"
 
 
 async def test_file_that_is_not_sqlite_fails_at_start(tmp_path: Path) -> None:

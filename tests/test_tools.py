@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -120,28 +121,204 @@ async def test_start_connect_status_snapshot_stop(kind: str, host_db: aiosqlite.
         assert "realtime_start" in late.text
 
 
+def error_text(kind: str, tool: str, message: str) -> str:
+    """A tool error's text as the server kind sends it: mcp's own servers name the tool first."""
+    return message if kind == "fastmcp" else f"Error executing tool {tool}: {message}"
+
+
+def refuses_unknown_arguments(kind: str) -> bool:
+    """False only on mcp 1.x's own FastMCP, which shows a tool no raw arguments."""
+    return kind == "fastmcp" or importlib.util.find_spec("mcp.server.mcpserver") is not None
+
+
+PORT_RULE = "port must be a whole number from 0 to 65535"
+INTERVAL_RULE = "interval must be seconds from 0.05 to 3600"
+HOST_RULE = "host must be a host name or IP address of 1 to 253 letters, digits or . : [ ] _ -"
+
+
 @pytest.mark.parametrize("kind", SERVER_KINDS)
 @pytest.mark.parametrize(
-    ("tool", "arguments", "says"),
+    ("tool", "arguments", "message"),
     [
-        ("realtime_start", {"port": 70000}, "65535"),
-        ("realtime_start", {"port": "eighty"}, "port"),
-        ("realtime_start", {"interval": 0}, "0.05"),
-        ("realtime_start", {"host": "bad host"}, "host"),
-        ("realtime_snapshot", {"skill": "x" * 200}, "128"),
+        ("realtime_start", {"port": 99999}, f"{PORT_RULE} (got 99999)"),
+        ("realtime_start", {"port": -1}, f"{PORT_RULE} (got -1)"),
+        ("realtime_start", {"port": "eighty"}, f"{PORT_RULE} (got 'eighty')"),
+        ("realtime_start", {"port": 80.5}, f"{PORT_RULE} (got 80.5)"),
+        ("realtime_start", {"port": True}, f"{PORT_RULE} (got True)"),
+        ("realtime_start", {"interval": 0}, f"{INTERVAL_RULE} (got 0)"),
+        ("realtime_start", {"interval": 7200.5}, f"{INTERVAL_RULE} (got 7200.5)"),
+        ("realtime_start", {"interval": "nan"}, f"{INTERVAL_RULE} (got 'nan')"),
+        ("realtime_start", {"interval": [1]}, f"{INTERVAL_RULE} (got [1])"),
+        ("realtime_start", {"host": "bad host"}, f"{HOST_RULE} (got 'bad host')"),
+        ("realtime_start", {"host": ""}, f"{HOST_RULE} (got '')"),
+        ("realtime_start", {"host": 42}, f"{HOST_RULE} (got 42)"),
+        ("realtime_snapshot", {"skill": 42}, "skill must be a string or null (got 42)"),
+        ("realtime_snapshot", {"skill": {"a": 1}}, "skill must be a string or null (got {'a': 1})"),
+        (
+            "realtime_snapshot",
+            {"skill": "x" * 200},
+            "skill must be a string of at most 128 characters (got 200 characters)",
+        ),
     ],
 )
-async def test_bad_arguments_are_errors_that_say_what_to_fix(
-    kind: str, tool: str, arguments: dict[str, Any], says: str, host_db: aiosqlite.Connection
+async def test_bad_argument_gets_one_line_naming_it_and_what_is_accepted(
+    kind: str, tool: str, arguments: dict[str, Any], message: str, host_db: aiosqlite.Connection
 ) -> None:
-    """An invalid argument returns an error result naming the field or the limit."""
+    """A wrong type or an out-of-range value is an error of exactly one line that names the
+    argument, what it accepts and what was sent, with no validation dump, and starts nothing."""
     async with hosted(kind, db=host_db) as (session, _):
         result = await session.call(tool, arguments)
         assert result.is_error
-        assert says in result.text
+        assert result.text == error_text(kind, tool, message)
+        assert "pydantic" not in result.text
         status = await session.call("realtime_status")
         assert status.structured is not None
         assert status.structured["running"] is False
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+@pytest.mark.parametrize("value", ["x\n" * 5000, "\u202e" + "y" * 100, 10**100, ["z" * 100] * 100])
+async def test_echoed_value_is_cut_short_and_kept_on_one_line(
+    kind: str, value: object, host_db: aiosqlite.Connection
+) -> None:
+    """Whatever a client sends, the value quoted back is at most 40 characters on one line."""
+    async with hosted(kind, db=host_db) as (session, _):
+        result = await session.call("realtime_start", {"port": value})
+    assert result.is_error
+    prefix = error_text(kind, "realtime_start", f"{PORT_RULE} (got ")
+    assert result.text.startswith(prefix)
+    assert result.text.endswith(")")
+    assert len(result.text) - len(prefix) - 1 <= 40
+    assert result.text.isprintable()
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+@pytest.mark.parametrize(
+    ("tool", "arguments", "message"),
+    [
+        (
+            "realtime_start",
+            {"port": 0, "prot": 9000},
+            "unknown argument 'prot' for realtime_start; accepted: host, port, interval",
+        ),
+        (
+            "realtime_stop",
+            {"force": True},
+            "unknown argument 'force' for realtime_stop; realtime_stop takes no arguments",
+        ),
+        (
+            "realtime_status",
+            {"verbose": 1, "all": 2},
+            "unknown arguments 'verbose', 'all' for realtime_status; "
+            "realtime_status takes no arguments",
+        ),
+        (
+            "realtime_snapshot",
+            {"skil": "pytest-run"},
+            "unknown argument 'skil' for realtime_snapshot; accepted: skill",
+        ),
+    ],
+)
+async def test_unknown_argument_is_refused_by_name(
+    kind: str, tool: str, arguments: dict[str, Any], message: str, host_db: aiosqlite.Connection
+) -> None:
+    """An argument the tool does not take is refused by name, with the accepted ones, before
+    the tool acts (except on mcp 1.x's own FastMCP, where it is ignored, as documented)."""
+    async with hosted(kind, db=host_db) as (session, _):
+        result = await session.call(tool, arguments)
+        if not refuses_unknown_arguments(kind):
+            assert "unknown argument" not in result.text
+            return
+        assert result.is_error
+        assert result.text == error_text(kind, tool, message)
+        status = await session.call("realtime_status")
+        assert status.structured is not None
+        assert status.structured["running"] is False
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_start_while_running_says_which_values_were_not_applied(
+    kind: str, host_db: aiosqlite.Connection
+) -> None:
+    """realtime_start with another port, interval or host than the running server's keeps the
+    server as it is and says in the note what was not applied and how to apply it."""
+    async with hosted(kind, db=host_db) as (session, _):
+        started = await session.call("realtime_start", {"interval": 0.5})
+        assert started.structured is not None
+        port = started.structured["port"]
+        other = port + 1 if port < 65535 else port - 1
+        running = f"already running on 127.0.0.1 port {port} every 0.5 s"
+        how = "not applied: call realtime_stop, then realtime_start with the new values"
+
+        again = await session.call("realtime_start", {"port": other, "interval": 2})
+        assert again.structured is not None
+        assert again.structured["note"] == f"{running}; port={other} and interval=2.0 were {how}"
+        assert (again.structured["port"], again.structured["update_interval"]) == (port, 0.5)
+        by_host = await session.call("realtime_start", {"host": "localhost"})
+        assert by_host.structured is not None
+        assert by_host.structured["note"] == f"{running}; host=localhost was {how}"
+        status = await session.call("realtime_status")
+        assert status.structured is not None
+        assert status.structured["note"] is None, "the note belongs to that call's result"
+
+        await session.call("realtime_stop")
+        applied = await session.call("realtime_start", {"interval": 2})
+        assert applied.structured is not None
+        assert applied.structured["update_interval"] == 2.0
+        assert applied.structured["note"] is None
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_start_while_running_with_its_own_values_or_port_0_has_no_note(
+    kind: str, host_db: aiosqlite.Connection
+) -> None:
+    """Asking again for what runs, for any port (0), or for nothing in particular adds no note."""
+    async with hosted(kind, db=host_db) as (session, _):
+        started = await session.call("realtime_start", {"interval": 0.5})
+        assert started.structured is not None
+        same = {"host": "127.0.0.1", "port": started.structured["port"], "interval": 0.5}
+        for arguments in ({}, {"port": 0}, same):
+            again = await session.call("realtime_start", arguments)
+            assert again.structured is not None
+            assert again.structured["note"] is None, arguments
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_numbers_written_as_strings_are_still_accepted(
+    kind: str, host_db: aiosqlite.Connection
+) -> None:
+    """A port or interval written as a string ("0", "0.5") works, as it did before the checks."""
+    async with hosted(kind, db=host_db) as (session, _):
+        started = await session.call("realtime_start", {"port": "0", "interval": "0.5"})
+    assert not started.is_error, started.text
+    assert started.structured is not None
+    assert started.structured["running"] is True
+    assert started.structured["update_interval"] == 0.5
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_input_schemas_still_publish_types_ranges_and_descriptions(
+    kind: str, host_db: aiosqlite.Connection
+) -> None:
+    """Clients still see each argument's type, range and description, and nothing else."""
+    async with hosted(kind, db=host_db) as (session, _):
+        tools = {tool["name"]: tool["inputSchema"] for tool in await session.list_tools()}
+    start = tools["realtime_start"]["properties"]
+    assert set(start) == {"host", "port", "interval"}
+    assert {"type": "integer", "minimum": 0, "maximum": 65535} in start["port"]["anyOf"]
+    assert {"type": "number", "minimum": 0.05, "maximum": 3600} in start["interval"]["anyOf"]
+    [host] = [choice for choice in start["host"]["anyOf"] if choice["type"] == "string"]
+    assert (host["minLength"], host["maxLength"]) == (1, 253)
+    assert host["pattern"].startswith("^")
+    skill = tools["realtime_snapshot"]["properties"]
+    assert set(skill) == {"skill"}
+    assert {"type": "string", "maxLength": 128} in skill["skill"]["anyOf"]
+    for name in ("host", "port", "interval"):
+        assert {"type": "null"} in start[name]["anyOf"], name
+        assert start[name]["description"], name
+    assert tools["realtime_stop"]["properties"] == {}
+    if kind == "fastmcp":
+        assert all(schema["additionalProperties"] is False for schema in tools.values())
 
 
 @pytest.mark.parametrize("kind", SERVER_KINDS)
@@ -219,7 +396,8 @@ async def test_status_counts_messages_and_ticks(host_db: aiosqlite.Connection) -
 async def test_errors_reach_clients_of_a_fastmcp_subclass_that_masks_details(
     host_db: aiosqlite.Connection,
 ) -> None:
-    """On a host's own FastMCP subclass with mask_error_details, the error text still arrives."""
+    """On a host's own FastMCP subclass with mask_error_details, the error texts still arrive,
+    argument errors included."""
     from fastmcp import FastMCP
 
     class HostServer(FastMCP):  # type: ignore[misc]
@@ -233,5 +411,11 @@ async def test_errors_reach_clients_of_a_fastmcp_subclass_that_masks_details(
     plugins.register_tools(server)
     async with plugins.lifespan(host_db), mcp_session(server) as session:
         result = await session.call("realtime_snapshot")
+        bad = await session.call("realtime_start", {"port": 99999})
+        unknown = await session.call("realtime_start", {"prot": 1})
     assert result.is_error
     assert "realtime_start" in result.text
+    assert bad.text == f"{PORT_RULE} (got 99999)"
+    assert (
+        unknown.text == "unknown argument 'prot' for realtime_start; accepted: host, port, interval"
+    )

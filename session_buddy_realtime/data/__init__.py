@@ -2,8 +2,10 @@
 
 ``source.py`` is the seam (``Source``, ``MetricsSnapshot``); ``database.py`` implements
 it over Session-Buddy's skills database through ``reader.py`` (cached reads on one
-connection), ``queries.py`` (the SQL and row conversions) and ``detection.py`` (live
-anomalies). ``schema.py`` is the DDL of the tables read, and ``demo.py`` the demo data.
+connection), ``connection.py`` (read-only connections: the host's aiosqlite one, or a
+``sqlite3`` one on a daemon thread), ``queries.py`` (the SQL and row conversions) and
+``detection.py`` (live anomalies). ``schema.py`` is the DDL of the tables read, and
+``demo.py`` the demo data.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Reading skill metrics and anomalies through one SQLite connection, re-querying only on change.
 
-``MetricsReader`` wraps one ``aiosqlite.Connection`` (the server's own read-only one,
-or the host's, shared). It never writes, never changes the connection's
-``row_factory``, and re-runs its queries only when the database changed: the change
-token combines ``PRAGMA data_version`` (commits by other connections) with the
-connection's ``total_changes`` (writes made through this very connection, which
+``MetricsReader`` reads through one ``ReadConnection`` (``connection.py``: the server's
+own read-only one, or the host's, shared). It never writes, never changes the
+connection's ``row_factory``, and re-runs its queries only when the database changed:
+the change token combines ``PRAGMA data_version`` (commits by other connections) with
+the connection's ``total_changes`` (writes made through this very connection, which
 ``data_version`` does not report).
 
 What it holds is bounded whatever the database and the clients do: per-skill rows kept
@@ -30,6 +30,7 @@ from typing import Any, Final, TypeVar
 
 import aiosqlite
 
+from session_buddy_realtime.data.connection import Parameters, ReadConnection, read_connection
 from session_buddy_realtime.data.detection import DetectionSettings, Finding, WindowStats, detect
 from session_buddy_realtime.data.queries import (
     ANOMALY_WINDOW,
@@ -86,19 +87,20 @@ class MetricsReader:
     """Reads top skills, per-skill rows and anomalies, re-querying only on change.
 
     Args:
-        db: An open connection. It is only read, and its ``row_factory`` is left as is.
+        db: An open connection (an ``aiosqlite.Connection`` is wrapped). It is only read,
+            and its ``row_factory`` is left as is.
         detection: Windows and thresholds of live anomaly detection.
         clock: Returns the current Unix time; tests pass a fixed clock.
     """
 
     def __init__(
         self,
-        db: aiosqlite.Connection,
+        db: ReadConnection | aiosqlite.Connection,
         *,
         detection: DetectionSettings | None = None,
         clock: Any = time.time,
     ) -> None:
-        self._db = db
+        self._db = read_connection(db)
         self._detection = detection or DetectionSettings()
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -213,16 +215,10 @@ class MetricsReader:
         rows = await self._fetch("PRAGMA data_version", ())
         return (int(rows[0][0]), self._db.total_changes)
 
-    async def _fetch(self, sql: str, parameters: Sequence[Any] | dict[str, Any]) -> list[Any]:
-        # A cursor of our own with the default row factory: rows are plain tuples
-        # whatever the host set on its connection.
-        cursor = await self._db.cursor()
-        try:
-            cursor.row_factory = None
-            await cursor.execute(sql, parameters)
-            return list(await cursor.fetchall())
-        finally:
-            await cursor.close()
+    async def _fetch(self, sql: str, parameters: Parameters) -> list[tuple[Any, ...]]:
+        # Rows are plain tuples whatever the host set on its connection (a cursor of the
+        # connection's own with the default row factory).
+        return await self._db.fetchall(sql, parameters)
 
     async def _fetch_first(
         self,
@@ -354,13 +350,9 @@ class MetricsReader:
             snapshot.state, snapshot.message = state, message
         return snapshot
 
-    def unavailable(self, message: str) -> None:
-        """Mark the source in error for a reason found outside SQLite (file deleted)."""
-        self._set_state(SourceState.ERROR, message)
-
-    def use_connection(self, db: aiosqlite.Connection) -> None:
+    def use_connection(self, db: ReadConnection | aiosqlite.Connection) -> None:
         """Read through ``db`` from now on (the file was replaced); the next read refreshes."""
-        self._db = db
+        self._db = read_connection(db)
         self._cache.token = None
 
     def _snapshot(self, skills: Set[str], now: float) -> MetricsSnapshot:

@@ -12,6 +12,8 @@ from typing import Final
 
 import aiosqlite
 
+from session_buddy_realtime.data.connection import ReadConnection, read_connection
+
 __all__ = ["REQUIRED_TABLES", "SCHEMA_SQL", "create_schema", "missing_tables"]
 
 REQUIRED_TABLES: Final = ("skill_invocation", "skill_metrics", "skill_anomalies")
@@ -103,18 +105,13 @@ async def create_schema(db: aiosqlite.Connection) -> None:
     await db.commit()
 
 
-async def missing_tables(db: aiosqlite.Connection) -> list[str]:
-    """Return the required tables that ``db`` lacks, in a stable order."""
+async def missing_tables(db: ReadConnection | aiosqlite.Connection) -> list[str]:
+    """Return the required tables that ``db`` lacks, in a stable order (``db`` only read)."""
     placeholders = ",".join("?" for _ in REQUIRED_TABLES)
-    cursor = await db.cursor()
-    cursor.row_factory = None
-    try:
-        await cursor.execute(
-            f"SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "  # noqa: S608
-            f"AND name IN ({placeholders})",
-            REQUIRED_TABLES,
-        )
-        present = {row[0] for row in await cursor.fetchall()}
-    finally:
-        await cursor.close()
+    rows = await read_connection(db).fetchall(
+        f"SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "  # noqa: S608
+        f"AND name IN ({placeholders})",
+        REQUIRED_TABLES,
+    )
+    present = {row[0] for row in rows}
     return [name for name in REQUIRED_TABLES if name not in present]

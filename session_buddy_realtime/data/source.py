@@ -29,6 +29,8 @@ class SourceState(StrEnum):
     ERROR = "error"
     BUSY = "busy"
     """A read is taking longer than the tick allows (locked or slow database)."""
+    WAITING = "waiting"
+    """The database file does not exist (yet, or any more); it is read once it appears."""
 
 
 @dataclass(slots=True)

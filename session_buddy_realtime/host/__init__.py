@@ -3,8 +3,11 @@
 A host needs only what this package exports: ``HostContext`` (the contract's, from
 ``hookspecs``), ``PluginHost`` and ``create_plugin_manager`` (``plugins.py``). The rest
 is this plugin's own work in a host: ``service.py`` (start, stop, status, snapshot,
-auto-start), ``tools.py`` (the MCP tools), ``settings.py`` (``SESSION_BUDDY_REALTIME_*``)
-and ``stdio.py`` (``session-buddy-realtime mcp``, a host of its own).
+auto-start), ``tools.py`` and ``tool_arguments.py`` (the MCP tools and their argument
+checks), ``settings.py`` (``SESSION_BUDDY_REALTIME_*``), ``stdio.py``
+(``session-buddy-realtime mcp``, a host of its own), ``stdio_channel.py`` (a clean stdout
+and signal-endable input for stdio servers), and ``launcher.py`` with ``sessionbuddy.py``
+(``session-buddy-realtime run``: the real Session-Buddy as the host).
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ from contextlib import asynccontextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
-import aiosqlite
 import pluggy
 
 from session_buddy_realtime import hookspecs
+from session_buddy_realtime.data.connection import HostConnection
 from session_buddy_realtime.hookspecs import PROJECT, HostContext, PluginFailure
 
 __all__ = ["PluginHost", "create_plugin_manager", "hookimpl"]
@@ -94,7 +94,7 @@ class PluginHost:
         await self._run_async("shutdown")
 
     @asynccontextmanager
-    async def lifespan(self, db: aiosqlite.Connection | None = None) -> AsyncIterator[HostContext]:
+    async def lifespan(self, db: HostConnection | None = None) -> AsyncIterator[HostContext]:
         """Run ``startup`` on the first entry and ``shutdown`` on the last exit.
 
         Some servers enter their lifespan once per client session (mcp 1.x ``FastMCP``

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -25,7 +26,7 @@ from session_buddy_realtime.host.settings import RealtimeSettings, load_settings
 from session_buddy_realtime.protocol import WELCOME_TEXT, format_timestamp
 from session_buddy_realtime.stream.server import RealTimeMetricsServer
 
-__all__ = ["STATE_KEY", "RealtimeService", "service_for"]
+__all__ = ["STATE_KEY", "PortHolder", "RealtimeService", "probe_port_holder", "service_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class RealtimeService:
         self._last_error: str | None = None
         self._autostart: dict[str, Any] = {"enabled": None, "outcome": "not attempted"}
         self._requested_port: int | None = None
+        self._holder: PortHolder | None = None
 
     @property
     def settings(self) -> RealtimeSettings:
@@ -88,7 +90,7 @@ class RealtimeService:
             first = settings.port if port is None else port
             interval = settings.interval if interval is None else interval
             options = settings.server_options()
-            self._requested_port, self._note = first, None
+            self._requested_port, self._note, self._holder = first, None, None
             attempts = 1 if first == 0 else max(1, min(port_attempts, 65536 - first))
             taken: list[int] = []
             self._server = None
@@ -106,12 +108,13 @@ class RealtimeService:
                 self._last_error = None
                 break
             if taken:
-                holder = await _describe_holder(host, taken[0])
-                self._note = f"port {taken[0]} on {host} is taken ({holder})"
+                self._holder = await probe_port_holder(host, taken[0])
+                self._note = f"port {taken[0]} on {host} is taken ({self._holder.description})"
             if self._server is None:
+                assert self._holder is not None
                 ports = ", ".join(str(p) for p in taken)
                 message = (
-                    f"port {ports} on {host} already in use ({holder}); "
+                    f"port {ports} on {host} already in use ({self._holder.description}); "
                     f"pass another port, or port 0 for any free one"
                 )
                 self._last_error = f"{format_timestamp()} {message}"
@@ -139,7 +142,7 @@ class RealtimeService:
         async with self._lock:
             if self._server is not None and self._server.running:
                 await self._server.stop()
-                self._note = None
+                self._note, self._holder = None, None
                 logger.info("realtime server stopped")
             return self.status()
 
@@ -194,6 +197,7 @@ class RealtimeService:
         status.update(
             requested_port=self._requested_port,
             note=self._note,
+            port_holder=None if self._holder is None else self._holder.as_dict(),
             autostart=dict(self._autostart),
             broker=None,
             plugin_errors=[
@@ -204,15 +208,46 @@ class RealtimeService:
         return status
 
 
-async def _describe_holder(host: str, port: int) -> str:
-    """Say what listens on a taken port: another realtime instance, or something else."""
+@dataclass(frozen=True, slots=True)
+class PortHolder:
+    """What listens on a port that a start found taken."""
+
+    port: int
+    kind: str
+    """``session-buddy-realtime``, ``session-buddy`` (its own realtime server), ``websocket``
+    (another WebSocket server) or ``other`` (anything else, or no answer within a second)."""
+    server_version: str | None
+    description: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``port_holder`` object of the status."""
+        return {"port": self.port, "kind": self.kind, "server_version": self.server_version}
+
+
+async def probe_port_holder(host: str, port: int) -> PortHolder:
+    """Find out what listens on a taken port, from its WebSocket welcome (a second at most).
+
+    Ours and Session-Buddy's own realtime server send the same welcome text; only ours
+    says its ``server_version``.
+    """
     shown = f"[{host}]" if ":" in host else host
     url = f"ws://{shown}:{port}"
     try:
         async with asyncio.timeout(1.0), connect(url, open_timeout=1.0, close_timeout=0.2) as ws:
             welcome = json.loads(await ws.recv())
     except (OSError, TimeoutError, WebSocketException, ValueError):
-        return "by another program"
-    if isinstance(welcome, dict) and welcome.get("message") == WELCOME_TEXT:
-        return f"another session-buddy-realtime instance is serving {url}"
-    return "by another WebSocket server"
+        return PortHolder(port, "other", None, "by another program")
+    if not isinstance(welcome, dict) or welcome.get("message") != WELCOME_TEXT:
+        return PortHolder(port, "websocket", None, "by another WebSocket server")
+    version = welcome.get("server_version")
+    if isinstance(version, str) and version:
+        shown_version = version[:40]
+        return PortHolder(
+            port,
+            "session-buddy-realtime",
+            shown_version,
+            f"another session-buddy-realtime instance ({shown_version}) is serving {url}",
+        )
+    return PortHolder(
+        port, "session-buddy", None, f"Session-Buddy's own realtime server is serving {url}"
+    )

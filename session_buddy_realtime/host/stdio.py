@@ -3,7 +3,9 @@
 It does what a host does: opens the skills database with aiosqlite, loads plugins
 through the ``session_buddy`` entry points, lets them register tools, runs their
 ``startup`` hooks (auto-start) and, on exit, their ``shutdown`` hooks before closing the
-database. Only protocol messages go to stdout; logs go to stderr.
+database. A database that does not exist yet is not opened (nor created): plugins get
+only its path, and the stream waits for the file. Only protocol messages go to stdout;
+logs go to stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import aiosqlite
 from session_buddy_realtime._version import __version__
 from session_buddy_realtime.hookspecs import HostContext
 from session_buddy_realtime.host.plugins import PluginHost
+from session_buddy_realtime.host.stdio_channel import serve_until_signal
 
 __all__ = ["build_host_server", "run_stdio"]
 
@@ -42,9 +45,16 @@ def _server_class() -> Any:
 
 
 async def open_host_database(path: Path) -> aiosqlite.Connection | None:
-    """Open the skills database read-write as a host does; None (logged) if it is missing."""
+    """Open the skills database read-write as a host does; None (logged) if it is missing.
+
+    A missing file is not created: plugins then have ``db_path`` only, and the stream
+    waits for the file to appear (Session-Buddy creates it on first use).
+    """
     if not path.is_file():  # noqa: ASYNC240 - one stat at launch
-        logger.error("skills database not found: %s (realtime tools will report it)", path)
+        logger.info(
+            "skills database %s does not exist yet; the realtime stream waits for it",
+            path.absolute(),  # noqa: ASYNC240 - no I/O
+        )
         return None
     try:
         uri = f"file:{quote(str(path.resolve()))}?mode=rw"  # noqa: ASYNC240 - at launch
@@ -85,6 +95,10 @@ def build_host_server(db_path: Path, settings: Mapping[str, str] | None = None) 
     return server
 
 
-async def run_stdio(db_path: Path) -> None:
-    """Serve MCP over stdin/stdout until the client closes it."""
-    await build_host_server(db_path).run_stdio_async()
+def run_stdio(db_path: Path) -> int:
+    """Serve MCP over stdin/stdout until the client closes it, or SIGINT or SIGTERM.
+
+    A signal ends the input, so the server stops as if the client had closed stdin: the
+    shutdown hooks run and the database is closed. Returns the exit status.
+    """
+    return serve_until_signal(build_host_server(db_path).run_stdio_async)

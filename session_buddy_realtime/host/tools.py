@@ -2,23 +2,39 @@
 
 The plugin's only module that imports ``mcp`` (the stdio host does too). Tools work on any
 server object with the ``tool(...)`` decorator factory: mcp's ``MCPServer`` (mcp 2.x) or
-``FastMCP`` (mcp 1.x), and the standalone FastMCP (3.x on mcp 1.x, 4.x on mcp 2.x). Inputs
-are validated by their annotations; outputs are typed models (structured output); expected
-failures are raised as the server's own ``ToolError`` so the client reads what to fix.
+``FastMCP`` (mcp 1.x), and the standalone FastMCP (3.x on mcp 1.x, 4.x on mcp 2.x). Outputs
+are typed models (structured output). Inputs publish their types and ranges in the input
+schema, but the tools check them themselves (``tool_arguments``) rather than leave it to the
+server, so that a client reads one line naming the argument and what it accepts, the same on
+every server kind. Arguments a tool does not take are refused by name where the server shows
+them (see ``_Registrar``). Expected failures are raised as the server's own ``ToolError``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Final, Literal, ParamSpec, Protocol, TypeVar
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, Literal, Protocol, TypeVar, cast
 
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from session_buddy_realtime.errors import RealtimeError
 from session_buddy_realtime.host.service import RealtimeService
-from session_buddy_realtime.host.settings import HOST_PATTERN
+from session_buddy_realtime.host.tool_arguments import (
+    ArgumentError,
+    HostName,
+    Interval,
+    Port,
+    SkillName,
+    check_host,
+    check_interval,
+    check_port,
+    check_skill,
+    not_applied,
+    unknown_arguments,
+)
 from session_buddy_realtime.protocol import ProtocolError
 
 __all__ = [
@@ -37,7 +53,6 @@ STATUS: Final = "realtime_status"
 SNAPSHOT: Final = "realtime_snapshot"
 TOOL_NAMES: Final = (START, STOP, STATUS, SNAPSHOT)
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -64,7 +79,9 @@ class DatabaseInfo(_Model):
 
     path: str | None
     shared_connection: bool = Field(description="True when reading the host's own connection.")
-    state: str | None = Field(description="ok, missing_tables, error or busy; null when stopped.")
+    state: str | None = Field(
+        description="ok, waiting, missing_tables, error or busy; null when stopped."
+    )
     message: str | None
     queries: int
     refreshes: int
@@ -77,6 +94,17 @@ class AutostartInfo(_Model):
     outcome: str
 
 
+class PortHolderInfo(_Model):
+    """What listens on the port that the last start found taken."""
+
+    port: int
+    kind: str = Field(
+        description="session-buddy-realtime (another instance of this plugin), session-buddy "
+        "(Session-Buddy's own realtime server), websocket (another WebSocket server) or other."
+    )
+    server_version: str | None = Field(description="The holder's version, when it says.")
+
+
 class RealtimeStatus(_Model):
     """State of the realtime server of this host."""
 
@@ -85,7 +113,13 @@ class RealtimeStatus(_Model):
     host: str | None
     port: int | None
     requested_port: int | None = Field(description="The port asked for, before any fallback.")
-    note: str | None = Field(description="For example which port was taken and by what.")
+    note: str | None = Field(
+        description="For example which port was taken and by what, or which arguments of "
+        "realtime_start were not applied because the server was already running."
+    )
+    port_holder: PortHolderInfo | None = Field(
+        description="What holds the port that the last start found taken; null if none."
+    )
     update_interval: float
     started_at: str | None
     uptime_seconds: float | None
@@ -179,9 +213,13 @@ def _annotations(title: str, *, read_only: bool, idempotent: bool) -> ToolAnnota
     )
 
 
-def _tool_error_class(mcp: Any) -> type[Exception]:
+def _is_standalone_fastmcp(mcp: object) -> bool:
+    return any(cls.__module__.split(".")[0] == "fastmcp" for cls in type(mcp).__mro__)
+
+
+def _tool_error_class(mcp: object) -> type[Exception]:
     """The exception whose message the given server passes on to the client."""
-    if any(cls.__module__.split(".")[0] == "fastmcp" for cls in type(mcp).__mro__):
+    if _is_standalone_fastmcp(mcp):
         from fastmcp.exceptions import ToolError as StandaloneToolError
 
         return StandaloneToolError
@@ -194,60 +232,16 @@ def _tool_error_class(mcp: Any) -> type[Exception]:
     return ToolError
 
 
-def _reported(
-    error_class: type[Exception],
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Turn expected failures into the server's ToolError, keeping their message."""
-
-    def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        @functools.wraps(function)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
-                return await function(*args, **kwargs)
-            except (RealtimeError, ProtocolError) as exc:
-                raise error_class(str(exc)) from exc
-
-        return wrapper
-
-    return decorate
+def _mcpserver_context_class(mcp: object) -> type[Any] | None:
+    """mcp 2.x's ``Context`` if ``mcp`` is an ``MCPServer``: it shows a tool its raw arguments."""
+    try:
+        from mcp.server.mcpserver import Context, MCPServer
+    except ImportError:  # mcp 1.x: its FastMCP shows a tool no raw arguments
+        return None
+    return Context if isinstance(mcp, MCPServer) else None
 
 
-HostName = Annotated[
-    str | None,
-    Field(
-        description="Address to listen on, e.g. 'localhost' or '127.0.0.1' "
-        "(default: SESSION_BUDDY_REALTIME_HOST or localhost).",
-        min_length=1,
-        max_length=253,
-        pattern=f"^{HOST_PATTERN.pattern}$",
-    ),
-]
-Port = Annotated[
-    int | None,
-    Field(
-        description="Port to listen on, 0-65535; 0 picks a free one "
-        "(default: SESSION_BUDDY_REALTIME_PORT or 8765).",
-        ge=0,
-        le=65535,
-    ),
-]
-Interval = Annotated[
-    float | None,
-    Field(
-        description="Seconds between updates, 0.05-3600 "
-        "(default: SESSION_BUDDY_REALTIME_INTERVAL or 1.0).",
-        ge=0.05,
-        le=3600,
-    ),
-]
-SkillName = Annotated[
-    str | None,
-    Field(
-        description="A skill name to read one skill (any skill, not only the top 10); "
-        "omit or null for the top 10 and all anomalies.",
-        max_length=128,
-    ),
-]
+_CONTEXT: Final = "realtime_call_context"
 
 
 class ToolServer(Protocol):
@@ -256,51 +250,142 @@ class ToolServer(Protocol):
     def tool(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], object]: ...
 
 
+_ToolFunction = TypeVar("_ToolFunction", bound=Callable[..., Awaitable[Any]])
+
+
+class _Registrar:
+    """Adds tools to one server: errors as its ``ToolError``, unknown arguments refused.
+
+    How an argument a tool does not take is seen depends on the server. The standalone
+    FastMCP refuses it itself, with pydantic's text, before the tool runs, so a middleware
+    answers first, by name. mcp 2.x's ``MCPServer`` drops it, but shows a tool that asks for
+    its ``Context`` the call's raw arguments. mcp 1.x's ``FastMCP`` drops it and shows it
+    nowhere public, so there it stays ignored.
+    """
+
+    def __init__(self, mcp: ToolServer) -> None:
+        self._mcp = mcp
+        self._error = _tool_error_class(mcp)
+        self._accepted: dict[str, tuple[str, ...]] = {}
+        self._context = _mcpserver_context_class(mcp)
+        if _is_standalone_fastmcp(mcp):
+            cast(Any, mcp).add_middleware(_refusing_middleware(self._accepted, self._error))
+
+    def tool(
+        self, name: str, *, description: str, annotations: ToolAnnotations
+    ) -> Callable[[_ToolFunction], _ToolFunction]:
+        """Register the decorated function as the tool ``name``."""
+
+        def register(function: _ToolFunction) -> _ToolFunction:
+            self._accepted[name] = tuple(inspect.signature(function).parameters)
+            self._mcp.tool(name=name, description=description, annotations=annotations)(
+                self._wrap(name, function)
+            )
+            return function
+
+        return register
+
+    def _wrap(
+        self, name: str, function: Callable[..., Awaitable[R]]
+    ) -> Callable[..., Awaitable[R]]:
+        error, context, accepted = self._error, self._context, self._accepted[name]
+
+        @functools.wraps(function)
+        async def run(**arguments: Any) -> R:
+            try:
+                if context is not None:
+                    raw = _raw_arguments(name, arguments.pop(_CONTEXT))
+                    if refused := unknown_arguments(name, raw, accepted):
+                        raise ArgumentError(refused)
+                return await function(**arguments)
+            except (ArgumentError, RealtimeError, ProtocolError) as exc:
+                raise error(str(exc)) from exc
+
+        if context is not None:
+            # The server fills this keyword-only parameter and leaves it out of the schema.
+            signature = inspect.signature(function, eval_str=True)
+            hidden = inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=context)
+            run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+                parameters=[*signature.parameters.values(), hidden]
+            )
+            run.__annotations__ = {**function.__annotations__, _CONTEXT: context}
+        return run
+
+
+def _raw_arguments(tool: str, context: Any) -> Mapping[str, object]:
+    """The arguments the client sent to ``tool``, from mcp 2.x's ``Context``; {} if unknown."""
+    try:
+        params = context.request_context.params
+    except ValueError:  # called in-process, outside any request
+        return {}
+    # A tool called from inside another tool's request sees that request's parameters.
+    if not isinstance(params, Mapping) or params.get("name") != tool:
+        return {}
+    arguments = params.get("arguments")
+    return arguments if isinstance(arguments, Mapping) else {}
+
+
+def _refusing_middleware(accepted: Mapping[str, Sequence[str]], error: type[Exception]) -> object:
+    """A standalone-FastMCP middleware refusing unknown arguments to the tools in ``accepted``."""
+    from fastmcp.server.middleware import Middleware
+
+    class RefuseUnknownArguments(Middleware):
+        async def on_call_tool(self, context: Any, call_next: Any) -> Any:
+            name, arguments = context.message.name, context.message.arguments
+            refused = name in accepted and unknown_arguments(name, arguments or {}, accepted[name])
+            if refused:
+                raise error(refused)
+            return await call_next(context)
+
+    return RefuseUnknownArguments()
+
+
 def register_tools(mcp: ToolServer, service: RealtimeService) -> None:
     """Add the four realtime tools to ``mcp`` (any server with ``tool(...)``)."""
-    reported = _reported(_tool_error_class(mcp))
+    tool = _Registrar(mcp).tool
 
-    @mcp.tool(
-        name=START,
+    @tool(
+        START,
         description="Start the realtime WebSocket server that streams live skill metrics to "
-        "dashboards, reading the host's skills database. Returns the status; when already "
-        "running, returns the running status unchanged.",
+        "dashboards, reading the host's skills database. Returns the status. When already "
+        "running, returns the running status; its note names any argument that differs from "
+        "the running server's and was not applied (stop, then start, to apply it).",
         annotations=_annotations("Start realtime metrics", read_only=False, idempotent=True),
     )
-    @reported
     async def realtime_start(
         host: HostName = None, port: Port = None, interval: Interval = None
     ) -> RealtimeStatus:
-        return RealtimeStatus.model_validate(await service.start(host, port, interval))
+        wanted = check_host(host), check_port(port), check_interval(interval)
+        status = await service.start(*wanted)
+        if note := not_applied(status, *wanted):
+            status["note"] = note if status["note"] is None else f"{note}; {status['note']}"
+        return RealtimeStatus.model_validate(status)
 
-    @mcp.tool(
-        name=STOP,
+    @tool(
+        STOP,
         description="Stop the realtime WebSocket server, closing dashboard connections. "
         "Harmless when it is not running. Returns the status.",
         annotations=_annotations("Stop realtime metrics", read_only=False, idempotent=True),
     )
-    @reported
     async def realtime_stop() -> RealtimeStatus:
         return RealtimeStatus.model_validate(await service.stop())
 
-    @mcp.tool(
-        name=STATUS,
+    @tool(
+        STATUS,
         description="Report whether the realtime server runs, its URLs, uptime, interval, "
         "connected clients and their subscriptions, counters, last tick, last error, and the "
         "database state.",
         annotations=_annotations("Realtime metrics status", read_only=True, idempotent=True),
     )
-    @reported
     async def realtime_status() -> RealtimeStatus:
         return RealtimeStatus.model_validate(service.status())
 
-    @mcp.tool(
-        name=SNAPSHOT,
+    @tool(
+        SNAPSHOT,
         description="Read the live skill metrics now, exactly as a dashboard would receive "
         "them: the top 10 skills (or one skill) with completion rates and durations, and "
         "current anomalies. Needs the server running.",
         annotations=_annotations("Realtime metrics snapshot", read_only=True, idempotent=True),
     )
-    @reported
     async def realtime_snapshot(skill: SkillName = None) -> RealtimeSnapshot:
-        return RealtimeSnapshot.model_validate(await service.snapshot(skill))
+        return RealtimeSnapshot.model_validate(await service.snapshot(check_skill(skill)))

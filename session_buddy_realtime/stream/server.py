@@ -16,10 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import aiosqlite
 from websockets.asyncio.server import Server, ServerConnection
 
-from session_buddy_realtime.data.database import DEFAULT_DB_PATH, DatabaseSource
+from session_buddy_realtime.data.database import DEFAULT_DB_PATH, DatabaseSource, HostConnection
 from session_buddy_realtime.data.detection import DetectionSettings
 from session_buddy_realtime.data.source import Source
 from session_buddy_realtime.errors import RealtimeError
@@ -63,10 +62,12 @@ class RealTimeMetricsServer:
         host: Address to listen on. ``localhost`` listens on both IPv4 and IPv6 loopback.
         port: Port to listen on; 0 picks a free one (see ``port`` after ``start()``).
         db_path: Skills database, default ``.session-buddy/skills.db``. The server opens
-            it read-only and never creates it. Ignored when ``db`` is given.
+            it read-only and never creates it; while it does not exist the stream says
+            ``waiting`` and picks it up when it appears. Ignored when ``db`` is given.
         update_interval: Seconds between broadcasts.
-        db: An open ``aiosqlite.Connection`` to use instead of opening one (the host's).
-            It is only read: never written, never closed, its ``row_factory`` untouched.
+        db: The host's open ``aiosqlite.Connection`` or ``sqlite3.Connection`` (opened with
+            ``check_same_thread=False``; read on a daemon thread) to read instead of opening
+            one: never written, never closed, its ``row_factory`` untouched.
         max_message_size: Largest client message in bytes; larger closes with 1009.
         max_buffered_bytes: A client whose unsent data exceeds this skips updates.
         slow_client_timeout: Seconds a client may keep skipping before it is closed (1008).
@@ -100,7 +101,7 @@ class RealTimeMetricsServer:
         db_path: Path | str | None = None,
         update_interval: float = 1.0,
         *,
-        db: aiosqlite.Connection | None = None,
+        db: HostConnection | None = None,
         # Limits
         max_message_size: int = 4096,
         max_buffered_bytes: int = 64 * 1024,
@@ -230,7 +231,6 @@ class RealTimeMetricsServer:
         """Open the database, listen, and start the broadcaster. Harmless when running.
 
         Raises:
-            DatabaseNotFoundError: ``db_path`` does not exist (nothing is created).
             PortInUseError: the address is taken.
             ServerStartError: anything else that prevents listening; nothing is left open.
         """
