@@ -244,37 +244,64 @@ def test_stdio_serves_both_tool_sets_with_only_json_rpc_on_stdout(stdio_host: An
     assert host.close_input() == 0
 
 
-def test_stdio_stream_waits_for_the_database_then_streams_session_buddy_writes(
-    stdio_host: Any, project: Path
+async def test_stdio_stream_waits_for_the_database_then_streams_session_buddy_writes(
+    project: Path,
 ) -> None:
-    """With no database at launch the stream auto-starts waiting for the file; Session-Buddy's
-    migrations and store_invocation() then reach a WebSocket client and the tools."""
-    host = stdio_host()
-    host.initialize()
-    status = host.call("realtime_status")
-    assert status["running"] is True
-    assert status["autostart"]["outcome"] == "started"
-    db_path = project / ".session-buddy" / "skills.db"
-    assert status["database"]["path"] == str(db_path)
-    url = status["urls"][0]
-    waiting = asyncio.run(next_update(url, lambda u: u["source"]["state"] == "waiting"))
-    assert str(db_path) in waiting["source"]["message"]
-    assert not db_path.exists()  # the stream never creates it
+    """Through a real MCP stdio client: with no database at launch the stream auto-starts
+    waiting for the file; Session-Buddy's migrations and store_invocation() then reach a
+    WebSocket client and the tools (status, snapshot, stop, start)."""
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
 
-    store(project, "pytest-run")
-    store(project, "pytest-run", completed=False)
-    update = asyncio.run(next_update(url, lambda u: "pytest-run" in skills_of(u)))
-    row = next(r for r in update["data"]["top_skills"] if r["skill_name"] == "pytest-run")
-    assert row["total_invocations"] == 2
-    assert row["completion_rate"] == 50.0
-    assert update["source"]["state"] == "ok"
+    parameters = StdioServerParameters(
+        command=LAUNCHER,
+        args=["run", "--", "python", "-m", "session_buddy.server"],
+        env=environment(project),
+        cwd=project,
+    )
+    with (project / "stderr.log").open("w") as errlog:
+        async with (
+            stdio_client(parameters, errlog=errlog) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await asyncio.wait_for(session.initialize(), START)
+            status = await call(session, "realtime_status")
+            assert status["running"] is True
+            assert status["autostart"]["outcome"] == "started"
+            db_path = project / ".session-buddy" / "skills.db"
+            assert status["database"]["path"] == str(db_path)
+            url = status["urls"][0]
+            waiting = await next_update(url, lambda u: u["source"]["state"] == "waiting")
+            assert str(db_path) in waiting["source"]["message"]
+            assert not db_path.exists()  # the stream never creates it
 
-    snapshot = host.call("realtime_snapshot", {"skill": "pytest-run"})
-    assert snapshot["data"]["top_skills"][0]["total_invocations"] == 2
-    assert host.call("realtime_stop")["running"] is False
-    restarted = host.call("realtime_start", {"port": 0})
-    assert restarted["running"] is True
-    assert host.close_input() == 0
+            store(project, "pytest-run")
+            store(project, "pytest-run", completed=False)
+            update = await next_update(url, lambda u: "pytest-run" in skills_of(u))
+            row = next(r for r in update["data"]["top_skills"] if r["skill_name"] == "pytest-run")
+            assert row["total_invocations"] == 2
+            assert row["completion_rate"] == 50.0
+            assert update["source"]["state"] == "ok"
+
+            snapshot = await call(session, "realtime_snapshot", {"skill": "pytest-run"})
+            assert snapshot["data"]["top_skills"][0]["total_invocations"] == 2
+            assert (await call(session, "realtime_stop"))["running"] is False
+            assert (await call(session, "realtime_start", {"port": 0}))["running"] is True
+
+
+def test_inside_session_buddy_the_stream_port_is_its_websocket_port(project: Path) -> None:
+    """Session-Buddy's own websocket_port setting (8677) is the stream's port inside it, and
+    SESSION_BUDDY_REALTIME_PORT still wins."""
+    from session_buddy.cli import SessionBuddySettings
+
+    from session_buddy_realtime.host.sessionbuddy import host_context
+
+    assert SessionBuddySettings().websocket_port == 8677
+    inside = host_context({}, project)
+    assert inside.settings["SESSION_BUDDY_REALTIME_PORT"] == "8677"
+    assert inside.db_path == project / ".session-buddy" / "skills.db"
+    ours = host_context({"SESSION_BUDDY_REALTIME_PORT": "9001"}, project)
+    assert ours.settings["SESSION_BUDDY_REALTIME_PORT"] == "9001"
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = START) -> None:
@@ -327,10 +354,10 @@ def http_host(project: Path) -> Iterator[Any]:
 async def http_client() -> AsyncIterator[Any]:
     """A real MCP client session over streamable HTTP to Session-Buddy."""
     from mcp import ClientSession
-    from mcp.client.streamable_http import streamablehttp_client
+    from mcp.client.streamable_http import streamable_http_client
 
     async with (
-        streamablehttp_client(f"http://127.0.0.1:{HTTP_PORT}/mcp") as (read, write, _),
+        streamable_http_client(f"http://127.0.0.1:{HTTP_PORT}/mcp") as (read, write, _),
         ClientSession(read, write) as session,
     ):
         await session.initialize()
@@ -362,6 +389,8 @@ def test_http_start_has_both_tool_sets_and_streams_session_buddy_writes(
             assert update["source"]["state"] == "ok"
             snapshot = await call(session, "realtime_snapshot")
             assert "ruff-check" in {row["skill_name"] for row in snapshot["data"]["top_skills"]}
+            assert (await call(session, "realtime_stop"))["running"] is False
+            assert (await call(session, "realtime_start", {"port": 0}))["running"] is True
 
     asyncio.run(scenario())
 
