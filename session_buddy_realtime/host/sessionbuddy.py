@@ -27,6 +27,7 @@ __all__ = [
     "STDIO_MODULE",
     "NotShapedAsExpected",
     "attach",
+    "find_server",
     "host_context",
     "serve_stdio",
     "session_buddy_version",
