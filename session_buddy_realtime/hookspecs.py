@@ -51,6 +51,8 @@ class HostContext:
             it. None until the host opened it, or when it has none yet.
         db_path: Where that database lives, if known (it may not exist yet).
         settings: Environment-style settings (``SESSION_BUDDY_REALTIME_PORT`` and so on).
+        host_ports: Ports the host itself listens on (Session-Buddy: 8678); plugins never
+            take them, not even when looking for a free port.
         state: Per-host state for plugins, keyed by plugin name; nothing global.
         plugin_errors: Every plugin failure so far, for status displays.
     """
@@ -58,6 +60,7 @@ class HostContext:
     db: aiosqlite.Connection | sqlite3.Connection | None = None
     db_path: Path | None = None
     settings: Mapping[str, str] = field(default_factory=dict)
+    host_ports: frozenset[int] = frozenset()
     state: dict[str, Any] = field(default_factory=dict)
     plugin_errors: list[PluginFailure] = field(default_factory=list)
 

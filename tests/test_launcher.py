@@ -30,6 +30,11 @@ EXIT = 30.0
         (["session-buddy", "status"], "unchanged", ()),
         (["session-buddy"], "unchanged", ()),
         (["python", "-m", "session_buddy.server", "--extra"], "unchanged", ()),
+        (["python3", "-u", "-m", "session_buddy.server"], "stdio", ()),
+        (["session-buddy", "start", "--help"], "unchanged", ()),
+        (["python", "-m", "session_buddy", "start", "-h"], "unchanged", ()),
+        (["python", "-X", "dev", "-m", "session_buddy.server"], "unchanged", ()),
+        (["pythonista", "-m", "session_buddy.server"], "unchanged", ()),
         (["uvx", "session-buddy", "start"], "unchanged", ()),
     ],
 )
@@ -61,6 +66,44 @@ def test_other_commands_run_unchanged_with_their_status(tmp_path: Path) -> None:
         check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (3, "plain\n", "")
+
+
+def test_a_bare_python_is_this_environments_not_paths(tmp_path: Path) -> None:
+    """A command run unchanged that names a bare ``python`` gets this environment's Python,
+    even when PATH finds no Python at all (an MCP client's PATH often lacks the venv)."""
+    env = {**os.environ, "PATH": str(tmp_path)}  # nothing to find there
+    result = subprocess.run(
+        [*LAUNCHER, "python", "-c", "import sys; print(sys.prefix)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=EXIT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == sys.prefix
+
+
+def test_closed_stdout_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Launched for stdio with stdout closed, the launcher says so in one line and exits 2."""
+    result = subprocess.run(
+        [*LAUNCHER, "python", "-m", "session_buddy.server"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=EXIT,
+        check=False,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(1),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "session-buddy-realtime: stdin or stdout is closed: "
+        "there is no channel to serve MCP over stdio"
+    )
 
 
 def test_a_missing_program_is_named(tmp_path: Path) -> None:

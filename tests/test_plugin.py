@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from session_buddy_realtime import __version__, hookspecs, plugin
-from session_buddy_realtime.errors import ConfigError
+from session_buddy_realtime.errors import ConfigError, PortInUseError
 from session_buddy_realtime.host import HostContext, PluginHost, create_plugin_manager, hookimpl
 from session_buddy_realtime.host.service import service_for
 from session_buddy_realtime.host.settings import RealtimeSettings, load_settings
@@ -208,6 +208,31 @@ async def test_autostart_next_port_when_another_instance_serves(
         "kind": "session-buddy-realtime",
         "server_version": __version__,
     }
+
+
+async def test_the_hosts_own_ports_are_never_taken(host_db: aiosqlite.Connection) -> None:
+    """A port in HostContext.host_ports is skipped by the fallback (the next free one is
+    used, the attempts not reduced) and refused by name when asked for."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        hosts = frozenset({taken + 1})
+        host = HostContext(
+            settings={
+                **LOOPBACK,
+                "SESSION_BUDDY_REALTIME_PORT": str(taken),
+                "SESSION_BUDDY_REALTIME_PORT_ATTEMPTS": "2",
+            },
+            host_ports=hosts,
+        )
+        async with PluginHost(host, fresh_manager(plugin)).lifespan(host_db):
+            status = service_for(host).status()
+            await service_for(host).stop()
+            with pytest.raises(PortInUseError, match=f"port {taken + 1} is the host's own"):
+                await service_for(host).start(port=taken + 1)
+    assert status["running"] is True, status["autostart"]
+    assert status["port"] == taken + 2
 
 
 async def test_autostart_tells_session_buddys_own_realtime_server_from_ours(

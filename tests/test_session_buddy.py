@@ -70,12 +70,8 @@ def environment(project: Path, **settings: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if not key.startswith("SESSION_BUDDY_REALTIME_")
     }
-    env.update(
-        HOME=str(project),
-        FASTMCP_CHECK_FOR_UPDATES="off",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        SESSION_BUDDY_REALTIME_PORT="0",
-    )
+    # PATH is left as it is: the launcher must not depend on finding its environment there.
+    env.update(HOME=str(project), FASTMCP_CHECK_FOR_UPDATES="off", SESSION_BUDDY_REALTIME_PORT="0")
     env.update({f"SESSION_BUDDY_REALTIME_{key}": value for key, value in settings.items()})
     return env
 
@@ -289,6 +285,54 @@ async def test_stdio_stream_waits_for_the_database_then_streams_session_buddy_wr
             assert (await call(session, "realtime_start", {"port": 0}))["running"] is True
 
 
+def test_other_session_buddy_commands_run_from_this_environment(project: Path) -> None:
+    """``run -- session-buddy status`` runs Session-Buddy's own command from the launcher's
+    environment (not PATH's), unchanged: its message and exit status come through."""
+    env = environment(project)
+    env["PATH"] = "/usr/bin:/bin"  # as an MCP client may start it
+    result = subprocess.run(
+        [LAUNCHER, "run", "--", "session-buddy", "status"],
+        cwd=project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START,
+        check=False,
+    )
+    bare = subprocess.run(
+        [str(Path(sys.executable).with_name("session-buddy")), "status"],
+        cwd=project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (bare.returncode, bare.stdout)
+    assert "session-buddy-realtime" not in result.stderr
+
+
+def test_fallback_from_8677_never_takes_session_buddys_http_port(
+    stdio_host: Any, project: Path
+) -> None:
+    """With 8677 taken and no port set, the stream inside Session-Buddy falls back past 8678
+    (Session-Buddy's HTTP port) to 8679, and says so."""
+    env = environment(project)
+    del env["SESSION_BUDDY_REALTIME_PORT"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 8677))
+        holder.listen()
+        host = stdio_host(env=env)
+        host.initialize()
+        status = host.call("realtime_status")
+    assert status["requested_port"] == 8677
+    assert status["port"] == 8679
+    assert "port 8677" in status["note"]
+    assert host.close_input() == 0
+
+
 def test_inside_session_buddy_the_stream_port_is_its_websocket_port(project: Path) -> None:
     """Session-Buddy's own websocket_port setting (8677) is the stream's port inside it, and
     SESSION_BUDDY_REALTIME_PORT still wins."""
@@ -300,6 +344,7 @@ def test_inside_session_buddy_the_stream_port_is_its_websocket_port(project: Pat
     inside = host_context({}, project)
     assert inside.settings["SESSION_BUDDY_REALTIME_PORT"] == "8677"
     assert inside.db_path == project / ".session-buddy" / "skills.db"
+    assert inside.host_ports == {SessionBuddySettings().http_port} == {HTTP_PORT}
     ours = host_context({"SESSION_BUDDY_REALTIME_PORT": "9001"}, project)
     assert ours.settings["SESSION_BUDDY_REALTIME_PORT"] == "9001"
 

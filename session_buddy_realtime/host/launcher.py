@@ -10,9 +10,10 @@ Python environment, with the plugins attached to Session-Buddy's server object
   run (0.23 has no ``__main__`` block), so its server object is served here; stdout
   carries only the protocol.
 
-Anything else (another Session-Buddy command, another program) runs unchanged. So does
-Session-Buddy itself when it is not shaped as expected, after one line on stderr saying
-why: the launcher never keeps the host from starting.
+Anything else (another Session-Buddy command, ``--help``, another program) runs
+unchanged, with a bare ``python`` or ``session-buddy`` taken from this environment too. So
+does Session-Buddy itself when it is not shaped as expected, after one line on stderr
+saying why: the launcher never keeps the host from starting.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Launch:
     """The program the command names (``session-buddy`` or a Python), as given."""
 
 
+_PYTHON_FLAGS: Final = frozenset({"-u", "-B", "-E", "-s", "-S", "-I", "-O", "-OO", "-q"})
+"""Interpreter options that may stand before ``-m`` and change nothing that matters here."""
+_HELP: Final = frozenset({"-h", "--help"})
+
+
 def classify(command: Sequence[str]) -> Launch:
     """Tell what ``command`` is: Session-Buddy's HTTP start, its stdio server, or other."""
     if not command:
@@ -53,16 +59,30 @@ def classify(command: Sequence[str]) -> Launch:
     program, rest = command[0], tuple(command[1:])
     name = Path(program).name
     if name == "session-buddy":
-        if rest and rest[0] in _SERVE_VERBS:
+        if rest and rest[0] in _SERVE_VERBS and not _HELP.intersection(rest):
             return Launch("http", tuple(command), rest, program)
         return Launch("unchanged", tuple(command))
-    if name.startswith("python") and len(rest) >= 2 and rest[0] == "-m":
-        module, arguments = rest[1], rest[2:]
-        if module == sessionbuddy.STDIO_MODULE and not arguments:
-            return Launch("stdio", tuple(command), (), program)
-        if module == "session_buddy" and arguments and arguments[0] in _SERVE_VERBS:
-            return Launch("http", tuple(command), arguments, program)
+    if _is_python(name):
+        while rest and rest[0] in _PYTHON_FLAGS:
+            rest = rest[1:]
+        if len(rest) >= 2 and rest[0] == "-m":
+            module, arguments = rest[1], rest[2:]
+            if module == sessionbuddy.STDIO_MODULE and not arguments:
+                return Launch("stdio", tuple(command), (), program)
+            if (
+                module == "session_buddy"
+                and arguments
+                and arguments[0] in _SERVE_VERBS
+                and not _HELP.intersection(arguments)
+            ):
+                return Launch("http", tuple(command), arguments, program)
     return Launch("unchanged", tuple(command))
+
+
+def _is_python(name: str) -> bool:
+    return name == "python" or (
+        name.startswith("python") and name.removeprefix("python").replace(".", "").isdigit()
+    )
 
 
 def run(command: Sequence[str]) -> int:
@@ -71,7 +91,17 @@ def run(command: Sequence[str]) -> int:
     if launch.mode == "unchanged":
         return _exec(launch.command)
     _say_if_other_environment(launch.program)
+    try:
+        return _run_with_plugins(launch)
+    except KeyboardInterrupt:  # Ctrl-C while Session-Buddy loads
+        return 130
+
+
+def _run_with_plugins(launch: Launch) -> int:
     if launch.mode == "stdio":
+        if sys.stdout is None or sys.stdin is None:
+            _say("stdin or stdout is closed: there is no channel to serve MCP over stdio")
+            return 2
         # Before Session-Buddy is imported: it prints to stdout while it loads.
         protect_stdout()
         module = sessionbuddy.STDIO_MODULE
@@ -107,14 +137,27 @@ def _session_buddy_cli(arguments: Sequence[str]) -> int:
 
 
 def _exec(command: Sequence[str]) -> int:
+    """Replace this process with ``command``, its bare program name taken from this environment."""
+    program = _this_environment(command[0])
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execvp(command[0], list(command))  # noqa: S606 - the user's own command, as given
+        os.execvp(program, [program, *command[1:]])  # noqa: S606 - the user's own command
     except OSError as exc:
         _say(f"cannot run {command[0]!r}: {exc.strerror or exc}")
         return 127
     return 0  # not reached: exec replaces this process
+
+
+def _this_environment(program: str) -> str:
+    """A bare ``python``/``session-buddy`` means this environment's, as for the commands
+    the launcher runs itself; anything else is looked up as given."""
+    if os.sep in program:
+        return program
+    if _is_python(program):
+        return sys.executable
+    beside = Path(sys.executable).parent / program
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else program
 
 
 def _say_if_other_environment(program: str | None) -> None:

@@ -91,10 +91,23 @@ class RealtimeService:
             interval = settings.interval if interval is None else interval
             options = settings.server_options()
             self._requested_port, self._note, self._holder = first, None, None
+            if first in self.host.host_ports:
+                message = (
+                    f"port {first} is the host's own (it serves MCP there); pass another "
+                    f"port, or port 0 for any free one"
+                )
+                self._last_error = f"{format_timestamp()} {message}"
+                raise PortInUseError(message)
             attempts = 1 if first == 0 else max(1, min(port_attempts, 65536 - first))
+            # The host's own ports are skipped, not counted as attempts.
+            candidates = [
+                port
+                for port in range(first, min(first + attempts + len(self.host.host_ports), 65536))
+                if port not in self.host.host_ports
+            ][:attempts]
             taken: list[int] = []
             self._server = None
-            for candidate in range(first, first + attempts):
+            for candidate in candidates:
                 server = self._make_server(host, candidate, interval, options)
                 try:
                     await server.start()

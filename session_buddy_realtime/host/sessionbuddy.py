@@ -11,8 +11,8 @@ first; ``NotShapedAsExpected`` says which one did not hold.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final
@@ -40,8 +40,6 @@ STDIO_MODULE: Final = "session_buddy.server"
 SKILLS_DB: Final = Path(".session-buddy") / "skills.db"
 """Where Session-Buddy's ``SkillsStorage`` keeps the skills, under the working directory."""
 _ATTACHED: Final = "_session_buddy_realtime_plugins"
-
-LifespanFactory = Callable[[Any], AbstractAsyncContextManager[Any]]
 
 
 class NotShapedAsExpected(Exception):
@@ -77,10 +75,10 @@ def find_server(module_name: str) -> Any:
         raise NotShapedAsExpected(
             f"Session-Buddy {found}: {module_name} has no MCP server object 'mcp' with tool()"
         )
-    if not callable(getattr(server, "_lifespan", None)):
+    if not callable(getattr(server, "add_provider", None)):
         raise NotShapedAsExpected(
-            f"Session-Buddy {found}: its server object {type(server).__name__} keeps no "
-            f"lifespan where FastMCP 3 does"
+            f"Session-Buddy {found}: its server object {type(server).__name__} has no "
+            f"add_provider() for a lifespan of the plugins (FastMCP 3 has)"
         )
     return server
 
@@ -91,46 +89,64 @@ def host_context(environ: Mapping[str, str], cwd: Path) -> HostContext:
     The database is the path Session-Buddy's storage uses; it opens its own connections
     per call and keeps none open, so there is none to share. Session-Buddy's
     ``websocket_port`` setting (8677) becomes the stream's port unless
-    ``SESSION_BUDDY_REALTIME_PORT`` says otherwise.
+    ``SESSION_BUDDY_REALTIME_PORT`` says otherwise, and its ``http_port`` (8678) is never
+    taken by the stream, not even as a fallback.
     """
     settings = dict(environ)
-    if not settings.get(PREFIX + "PORT", "").strip():
-        port = _websocket_port()
-        if port is not None:
-            settings[PREFIX + "PORT"] = str(port)
-    return HostContext(db_path=cwd / SKILLS_DB, settings=settings)
+    ours = _session_buddy_settings()
+    websocket_port = _port(getattr(ours, "websocket_port", None))
+    if not settings.get(PREFIX + "PORT", "").strip() and websocket_port is not None:
+        settings[PREFIX + "PORT"] = str(websocket_port)
+    http_port = _port(getattr(ours, "http_port", None))
+    return HostContext(
+        db_path=cwd / SKILLS_DB,
+        settings=settings,
+        host_ports=frozenset(() if http_port is None else (http_port,)),
+    )
 
 
-def _websocket_port() -> int | None:
-    """Session-Buddy's own ``websocket_port`` setting, when its CLI settings class has one."""
+def _session_buddy_settings() -> object:
+    """Session-Buddy's own CLI settings object, or None when this version has none."""
     try:
-        port = importlib.import_module("session_buddy.cli").SessionBuddySettings().websocket_port
-    except Exception:  # not there in this version: keep our own default
+        return importlib.import_module("session_buddy.cli").SessionBuddySettings()
+    except Exception:  # not there in this version: keep our own defaults
         return None
-    return port if isinstance(port, int) and 0 < port < 65536 else None
+
+
+def _port(value: object) -> int | None:
+    return value if isinstance(value, int) and 0 < value < 65536 else None
 
 
 def attach(server: Any, host: HostContext) -> PluginHost:
     """Add the plugins' tools to ``server`` and run their hooks inside its lifespan.
 
-    The plugins start after Session-Buddy's own lifespan has started and stop before it
-    ends. Attaching twice is harmless (the first plugin host is returned).
+    The lifespan comes through FastMCP's public ``add_provider()``: a provider with no
+    components whose lifespan is the plugins'. FastMCP enters providers' lifespans after
+    the server's own, so the plugins start once Session-Buddy's lifespan has started and
+    stop before it ends. Attaching twice is harmless (the first plugin host is returned).
     """
     attached = getattr(server, _ATTACHED, None)
     if isinstance(attached, PluginHost):
         return attached
     plugins = PluginHost(host)
     plugins.register_tools(server)
-    own_lifespan: LifespanFactory = server._lifespan
-
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[Any]:
-        async with own_lifespan(app) as result, plugins.lifespan():
-            yield result
-
-    server._lifespan = lifespan
+    server.add_provider(_plugins_provider(plugins))
     setattr(server, _ATTACHED, plugins)
     return plugins
+
+
+def _plugins_provider(plugins: PluginHost) -> Any:
+    from fastmcp.server.providers import Provider
+
+    class PluginsLifespan(Provider):
+        """Provides nothing but the plugins' lifespan (startup and shutdown hooks)."""
+
+        @asynccontextmanager
+        async def lifespan(self) -> AsyncIterator[None]:
+            async with plugins.lifespan():
+                yield
+
+    return PluginsLifespan()
 
 
 def serve_stdio(server: Any) -> int:

@@ -26,7 +26,7 @@ from typing import IO, Any, Final
 
 __all__ = ["EndableInput", "protect_stdout", "serve_until_signal"]
 
-STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def protect_stdout() -> None:
@@ -97,7 +97,7 @@ class EndableInput:
 
 
 def serve_until_signal(serve: Callable[[], Awaitable[None]]) -> int:
-    """Run ``serve()`` (a stdio server) until its input ends; SIGINT or SIGTERM ends it.
+    """Run ``serve()`` (a stdio server) until its input ends; SIGINT, SIGTERM or SIGHUP ends it.
 
     The first signal ends the input, so the server stops as a client closing stdin would
     stop it; a second one stops the process at once (the default action).

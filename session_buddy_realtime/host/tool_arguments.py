@@ -193,7 +193,7 @@ Port = Annotated[
     _published(
         Annotated[int | None, Field(ge=_PORTS[0], le=_PORTS[1])],
         "Port to listen on, 0-65535; 0 picks a free one "
-        "(default: SESSION_BUDDY_REALTIME_PORT or 8765).",
+        "(default: SESSION_BUDDY_REALTIME_PORT, else 8765; inside Session-Buddy 8677).",
     ),
 ]
 Interval = Annotated[
