@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="ORIGIN",
-        help="browser origin allowed besides the server's own (repeatable; * for any)",
+        help="browser origin allowed besides the defaults (the server's own pages; on loopback "
+        "any page of this machine); repeatable; null for file:// pages, * for any",
     )
     security.add_argument("--max-connections", type=_positive_int, default=None)
     security.add_argument("--max-connections-per-ip", type=_positive_int, default=None)

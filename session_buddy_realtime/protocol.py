@@ -17,13 +17,16 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "MAX_SKILL_NAME_LENGTH",
+    "MAX_SKILL_RESULTS",
     "PROTOCOL_VERSION",
     "Auth",
     "CloseCode",
     "ErrorCode",
+    "HistoryRequest",
     "Ping",
     "ProtocolError",
     "Request",
+    "SkillsRequest",
     "Subscribe",
     "Unsubscribe",
     "authenticated_message",
@@ -31,17 +34,22 @@ __all__ = [
     "encode",
     "error_message",
     "format_timestamp",
+    "history_message",
     "load_schema",
     "metrics_update_message",
     "parse_client_message",
     "pong_message",
+    "skills_message",
     "subscription_confirmed_message",
     "unsubscribed_message",
     "validate_skill_name",
+    "validate_skill_query",
 ]
 
 PROTOCOL_VERSION: Final = 1
 MAX_SKILL_NAME_LENGTH: Final = 128
+MAX_SKILL_RESULTS: Final = 20
+"""Names at most in a ``skills`` reply."""
 WELCOME_TEXT: Final = "Connected to Session-Buddy real-time metrics"
 
 
@@ -102,7 +110,22 @@ class Auth:
     token: str = field(repr=False)
 
 
-Request = Subscribe | Unsubscribe | Ping | Auth
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """``history``: recent invocations per bucket; ``skill`` is None for all skills."""
+
+    skill: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SkillsRequest:
+    """``skills``: the names that contain ``query`` ("" for the most invoked)."""
+
+    query: str
+
+
+Request = Subscribe | Unsubscribe | Ping | Auth | HistoryRequest | SkillsRequest
+_TYPES: Final = "'subscribe', 'unsubscribe', 'ping', 'auth', 'history' or 'skills'"
 
 
 def load_schema() -> dict[str, Any]:
@@ -127,29 +150,43 @@ def validate_skill_name(value: object) -> str | None:
     """
     if value is None:
         return None
+    if value == "":
+        raise ProtocolError(
+            ErrorCode.INVALID_SKILL, "'skill' must not be empty; use null for all skills"
+        )
+    return _checked_name(value, "skill")
+
+
+def validate_skill_query(value: object) -> str:
+    """Return a valid ``skills`` query ("" for null or missing), or raise ``ProtocolError``.
+
+    The rules of skill names apply, but a query may be empty (it then matches every skill).
+    """
+    if value is None or value == "":
+        return ""
+    return _checked_name(value, "query")
+
+
+def _checked_name(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError(
             ErrorCode.INVALID_SKILL,
-            f"'skill' must be a string or null, not {_json_type(value)}",
-        )
-    if not value:
-        raise ProtocolError(
-            ErrorCode.INVALID_SKILL, "'skill' must not be empty; use null for all skills"
+            f"'{name}' must be a string or null, not {_json_type(value)}",
         )
     if len(value) > MAX_SKILL_NAME_LENGTH:
         raise ProtocolError(
             ErrorCode.INVALID_SKILL,
-            f"'skill' is {len(value)} characters long; the limit is {MAX_SKILL_NAME_LENGTH}",
+            f"'{name}' is {len(value)} characters long; the limit is {MAX_SKILL_NAME_LENGTH}",
         )
     if value != value.strip():
         raise ProtocolError(
-            ErrorCode.INVALID_SKILL, "'skill' must not start or end with whitespace"
+            ErrorCode.INVALID_SKILL, f"'{name}' must not start or end with whitespace"
         )
     for position, char in enumerate(value):
         if unicodedata.category(char).startswith("C"):
             raise ProtocolError(
                 ErrorCode.INVALID_SKILL,
-                f"'skill' contains a control or non-printable character "
+                f"'{name}' contains a control or non-printable character "
                 f"(U+{ord(char):04X}) at position {position}",
             )
     return value
@@ -194,6 +231,10 @@ def parse_client_message(raw: str | bytes) -> Request:
                 ErrorCode.INVALID_MESSAGE, "'auth' needs a non-empty string 'token'"
             )
         return Auth(token)
+    if kind == "history":
+        return HistoryRequest(_subscribe_skill(message))
+    if kind == "skills":
+        return SkillsRequest(validate_skill_query(message.get("query")))
     shown = (
         kind
         if len(kind) <= 32 and kind.isprintable()
@@ -201,7 +242,7 @@ def parse_client_message(raw: str | bytes) -> Request:
     )
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        f"unknown message type {shown!r}; expected 'subscribe', 'unsubscribe', 'ping' or 'auth'",
+        f"unknown message type {shown!r}; expected {_TYPES}",
     )
 
 
@@ -290,6 +331,40 @@ def subscription_confirmed_message(
         "skill": skill,
         "known": known,
         "timestamp": timestamp,
+    }
+
+
+def history_message(
+    *,
+    timestamp: str,
+    skill: str | None,
+    bucket_seconds: int,
+    window_seconds: int,
+    buckets: list[dict[str, Any]],
+    source: dict[str, Any],
+) -> dict[str, Any]:
+    """Answer ``history``: ``buckets`` holds ``start``, ``invocations`` and ``completed``."""
+    return {
+        "type": "history",
+        "timestamp": timestamp,
+        "skill": skill,
+        "bucket_seconds": bucket_seconds,
+        "window_seconds": window_seconds,
+        "buckets": buckets,
+        "source": source,
+    }
+
+
+def skills_message(
+    *, timestamp: str, query: str, skills: list[str], source: dict[str, Any]
+) -> dict[str, Any]:
+    """Answer ``skills``: the names that contain ``query``, the most invoked first."""
+    return {
+        "type": "skills",
+        "timestamp": timestamp,
+        "query": query,
+        "skills": skills,
+        "source": source,
     }
 
 

@@ -10,7 +10,13 @@ from typing import Any
 
 from websockets.protocol import State
 
-from session_buddy_realtime.data.source import MetricsSnapshot, SourceState
+from session_buddy_realtime.data.source import (
+    History,
+    HistoryWindow,
+    MetricsSnapshot,
+    SkillNames,
+    SourceState,
+)
 
 
 def skill_row(name: str, runs: int, rate: float = 100.0) -> dict[str, Any]:
@@ -50,6 +56,11 @@ class FakeSource:
         self.fail_next: Exception | None = None
         self.opened = 0
         self.closed = 0
+        self.history_rows: list[tuple[int, int, int]] = []
+        """What ``history`` returns: (bucket index, invocations, completed)."""
+        self.lookups: list[tuple[str, object]] = []
+        self.lookup_gate: asyncio.Event | None = None
+        """When set, history and skill_names wait for it (a database that does not answer)."""
 
     async def open(self) -> None:
         self.opened += 1
@@ -71,6 +82,26 @@ class FakeSource:
             message=self.message,
             as_of="2026-12-01T10:00:00.000Z",
         )
+
+    async def history(self, skill: str | None, window: HistoryWindow, within: float) -> History:
+        self.lookups.append(("history", skill))
+        if self.lookup_gate is not None:
+            await self.lookup_gate.wait()
+        return History.from_rows(
+            skill,
+            window,
+            window.start(1_800_000_000),
+            self.history_rows,
+            as_of="2026-12-01T10:00:00.000Z",
+            state=self.state,
+            message=self.message,
+        )
+
+    async def skill_names(self, query: str, limit: int, within: float) -> SkillNames:
+        self.lookups.append(("skills", query))
+        ranked = sorted(self.rows.values(), key=lambda row: -row["total_invocations"])
+        names = [row["skill_name"] for row in ranked if query.lower() in row["skill_name"].lower()]
+        return SkillNames(query, names[:limit], self.state, self.message, None)
 
     def describe(self) -> dict[str, Any]:
         return {

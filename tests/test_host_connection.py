@@ -106,6 +106,27 @@ async def test_server_streams_through_the_hosts_sync_connection(
         host_records(conn, "after-stop")
 
 
+async def test_rows_of_a_rolled_back_host_transaction_leave_the_stream(
+    skills_db: SkillsDB, start_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """Rows the host writes in a transaction show while it is open (the host's own view) and
+    are gone from the stream once it rolls back, although a rollback moves neither
+    data_version nor total_changes."""
+    with session_buddy_connection(skills_db.path) as conn:
+        host_records(conn, "kept", 2)
+        server = await start_server(db=conn, db_path=None)
+        client = await open_client(url_of(server))
+        await update_where(client, lambda u: top_names(u) == ["kept"])
+
+        conn.executemany(_INSERT, [("phantom", iso(datetime.now(UTC)))] * 5)  # opens one
+        assert conn.in_transaction
+        await update_where(client, lambda u: top_names(u) == ["phantom", "kept"])
+        conn.rollback()
+        after = await update_where(client, lambda u: "phantom" not in top_names(u))
+        assert top_names(after) == ["kept"]
+        await server.stop()
+
+
 async def test_reads_run_off_the_event_loop_on_one_daemon_thread(
     skills_db: SkillsDB, start_server: ServerFactory, open_client: ClientFactory
 ) -> None:

@@ -25,6 +25,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "Parameters",
     "ReadConnection",
     "ThreadedReads",
+    "change_token",
     "read_connection",
 ]
 
@@ -58,6 +60,11 @@ class ReadConnection(Protocol):
         """Rows changed through this connection (as of its last query, for a threaded one)."""
         ...
 
+    @property
+    def in_transaction(self) -> bool:
+        """True while the connection's owner has a transaction open (as of the last query)."""
+        ...
+
     async def fetchall(self, sql: str, parameters: Parameters = ()) -> list[Row]:
         """Run one query on a cursor of its own and return all its rows as tuples."""
         ...
@@ -65,6 +72,23 @@ class ReadConnection(Protocol):
     async def close(self) -> None:
         """Release the connection if it is the server's own; a host's stays open."""
         ...
+
+
+ChangeToken: TypeAlias = tuple[int, ...]
+
+
+async def change_token(db: ReadConnection) -> ChangeToken:
+    """A value that changes whenever the data seen through ``db`` may have changed.
+
+    ``PRAGMA data_version`` moves with other connections' commits, ``total_changes`` with
+    writes through this one. Inside the host's open transaction on a shared connection
+    its rows may still be rolled back, which moves neither, so the token is then new on
+    every call: nothing read inside a transaction is reused.
+    """
+    rows = await db.fetchall("PRAGMA data_version")
+    if db.in_transaction:
+        return (int(rows[0][0]), db.total_changes, time.monotonic_ns())
+    return (int(rows[0][0]), db.total_changes)
 
 
 def read_connection(db: ReadConnection | aiosqlite.Connection) -> ReadConnection:
@@ -82,6 +106,11 @@ class AiosqliteReads:
     def total_changes(self) -> int:
         """Rows changed through the connection, as aiosqlite reports them."""
         return self._db.total_changes
+
+    @property
+    def in_transaction(self) -> bool:
+        """True while the host has a transaction open on the connection."""
+        return self._db.in_transaction
 
     async def fetchall(self, sql: str, parameters: Parameters = ()) -> list[Row]:
         """Run one query on a cursor of our own, rows as plain tuples."""
@@ -117,6 +146,7 @@ class ThreadedReads:
         self._running = False  # a query is running on the thread
         self._closed = False
         self._total_changes = 0
+        self._in_transaction = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -161,6 +191,11 @@ class ThreadedReads:
     def total_changes(self) -> int:
         """Rows changed through the connection, as of the end of the last query."""
         return self._total_changes
+
+    @property
+    def in_transaction(self) -> bool:
+        """True if a transaction was open on the connection at the end of the last query."""
+        return self._in_transaction
 
     @property
     def running(self) -> bool:
@@ -210,6 +245,7 @@ class ThreadedReads:
         finally:
             cursor.close()
         self._total_changes = connection.total_changes
+        self._in_transaction = connection.in_transaction
         return rows
 
     async def _call(self, function: Callable[[], _T]) -> _T:
@@ -221,14 +257,18 @@ class ThreadedReads:
         def job() -> None:
             # Flagged before the check: close() after a cancel either sees the flag (and
             # interrupts) or the job sees the cancel (and does not run).
+            # Cleared before the result is handed back: once its caller resumes, no
+            # query of its runs any more (close() then has nothing to interrupt).
             self._running = True
             try:
                 if future.cancelled():  # its caller gave up while it waited in the queue
                     return
                 result = function()
             except Exception as exc:
+                self._running = False
                 _hand_back(loop, future, None, exc)
             else:
+                self._running = False
                 _hand_back(loop, future, result, None)
             finally:
                 self._running = False

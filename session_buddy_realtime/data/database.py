@@ -29,8 +29,15 @@ from session_buddy_realtime.data.connection import (
     ThreadedReads,
 )
 from session_buddy_realtime.data.detection import DetectionSettings
+from session_buddy_realtime.data.lookups import Lookups
 from session_buddy_realtime.data.reader import MetricsReader
-from session_buddy_realtime.data.source import MetricsSnapshot, SourceState
+from session_buddy_realtime.data.source import (
+    History,
+    HistoryWindow,
+    MetricsSnapshot,
+    SkillNames,
+    SourceState,
+)
 from session_buddy_realtime.errors import ServerStartError
 
 __all__ = ["DEFAULT_DB_PATH", "DatabaseSource", "HostConnection"]
@@ -83,6 +90,7 @@ class DatabaseSource:
         self._opened = False
         self._db: ReadConnection | None = None
         self._reader: MetricsReader | None = None  # kept for its last good data
+        self._lookups: Lookups | None = None
         self._identity: tuple[int, int] | None = None
         self._refused: tuple[int, ...] | None = None  # a file that failed to open, by stat
         self._had_file = False
@@ -142,7 +150,7 @@ class DatabaseSource:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        db, self._db, self._reader = self._db, None, None
+        db, self._db, self._reader, self._lookups = self._db, None, None, None
         self._opened, self._identity, self._refused, self._outside = False, None, None, None
         self._had_file = False
         if db is not None:
@@ -215,6 +223,29 @@ class DatabaseSource:
             f"slow query); showing the last good data",
         )
 
+    async def history(self, skill: str | None, window: HistoryWindow, within: float) -> History:
+        """Invocations per bucket of ``window`` from ``skill_invocation`` (see ``Lookups``)."""
+        lookups = await self._readable_lookups()
+        if lookups is not None:
+            return await lookups.history(skill, window, within)
+        state, message = self._outside or (SourceState.WAITING, None)
+        return History.empty(skill, window, window.start(time.time()), state, message)
+
+    async def skill_names(self, query: str, limit: int, within: float) -> SkillNames:
+        """Names in ``skill_metrics`` containing ``query``, the most invoked first."""
+        lookups = await self._readable_lookups()
+        if lookups is not None:
+            return await lookups.skill_names(query, limit, within)
+        state, message = self._outside or (SourceState.WAITING, None)
+        return SkillNames(query, [], state, message, None)
+
+    async def _readable_lookups(self) -> Lookups | None:
+        if not self._opened:
+            raise RuntimeError("the database source is not open")
+        if self.owns_connection and not await self._follow_file():
+            return None
+        return self._lookups
+
     def describe(self) -> dict[str, Any]:
         """Path, whether the connection is the host's, state and query counts."""
         described: dict[str, Any] = {
@@ -242,7 +273,8 @@ class DatabaseSource:
             state, message = reader.state, reader.message
         described.update(state=None if state is None else state.value, message=message)
         if reader is not None:
-            described.update(queries=reader.queries, refreshes=reader.refreshes)
+            lookups = 0 if self._lookups is None else self._lookups.queries
+            described.update(queries=reader.queries + lookups, refreshes=reader.refreshes)
         return described
 
     def _require_reader(self) -> MetricsReader:
@@ -255,6 +287,10 @@ class DatabaseSource:
 
     def _use(self, db: ReadConnection) -> None:
         self._db = db
+        if self._lookups is None:
+            self._lookups = Lookups(db)
+        else:
+            self._lookups.use_connection(db)
         if self._reader is None:
             self._reader = MetricsReader(db, detection=self._detection)
         else:

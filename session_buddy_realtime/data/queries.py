@@ -39,14 +39,18 @@ __all__ = [
     "MAX_TEXT_LENGTH",
     "NAME_OK",
     "SKILL_COLUMNS",
+    "SKILL_SEARCH_SQL",
     "TABLE_ANOMALIES_SQL",
     "TOP_SKILLS_LIMIT",
     "TOP_SQL",
     "WINDOW_STATS_SQL",
     "date_prefix",
     "float_or_none",
+    "history_parameters",
+    "history_sql",
     "int_or_zero",
     "julian_day",
+    "like_pattern",
     "named_rows_sql",
     "severity",
     "shown_name",
@@ -190,6 +194,61 @@ WHERE jd >= :baseline
 GROUP BY skill_name
 HAVING SUM(jd >= :recent) >= :min_recent
 """  # noqa: S608
+
+
+# Skill names containing a pattern (LIKE: ASCII letters in any case; "%", "_" and "\\"
+# escaped by like_pattern), ranked as the top skills are, counts that are not numbers last.
+SKILL_SEARCH_SQL: Final = f"""
+SELECT CAST(skill_name AS BLOB) FROM skill_metrics
+WHERE {NAME_OK} AND skill_name LIKE :pattern ESCAPE '\\'
+ORDER BY ({_TOTAL_OK}) DESC, total_invocations DESC, skill_name
+LIMIT :limit
+"""  # noqa: S608
+# Invocations per bucket. strftime('%s') reads a time as a time (T or space, fraction,
+# Z or an offset) to whole Unix seconds, exact for buckets of whole seconds. The text
+# prefilter keeps the invoked_at index in use over the window's start less 14 hours (the
+# largest offset a stored time can carry): times written with a T from :since_t on, and
+# those written with a space on that first day from :since_s (a space sorts before T).
+# No "LIMIT -1" here: flattened, the time test runs on the index alone and only rows in
+# the window are read from the table (16 ms instead of 70 on 60,000 rows in range).
+_HISTORY_SQL: Final = """
+SELECT (t - :start) / :bucket, COUNT(*), SUM(completed = 1)
+FROM (
+    SELECT CAST(strftime('%s', invoked_at) AS INTEGER) AS t, completed
+    FROM skill_invocation
+    WHERE (invoked_at >= :since_t OR (invoked_at >= :since_s AND invoked_at < :day_t)){skill}
+)
+WHERE t >= :start AND t < :end
+GROUP BY 1
+"""
+_MAX_OFFSET: Final = 14 * 3600
+
+
+def history_sql(*, one_skill: bool) -> str:
+    """The history query, for all skills or for the one bound as ``:skill``."""
+    return _HISTORY_SQL.format(skill="\n      AND skill_name = :skill" if one_skill else "")
+
+
+def history_parameters(skill: str | None, start: int, bucket: int, buckets: int) -> dict[str, Any]:
+    """The parameters of ``history_sql``: ``buckets`` buckets of ``bucket`` s from ``start``."""
+    lower = datetime.fromtimestamp(start - _MAX_OFFSET, UTC)
+    parameters: dict[str, Any] = {
+        "start": start,
+        "end": start + bucket * buckets,
+        "bucket": bucket,
+        "since_t": lower.strftime("%Y-%m-%dT%H:%M:%S"),
+        "since_s": lower.strftime("%Y-%m-%d %H:%M:%S"),
+        "day_t": lower.strftime("%Y-%m-%dT"),
+    }
+    if skill is not None:
+        parameters["skill"] = skill
+    return parameters
+
+
+def like_pattern(query: str) -> str:
+    """A LIKE pattern (with ``ESCAPE '\\'``) matching names that contain ``query`` as it is."""
+    escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def shown_name(value: Any) -> str | None:

@@ -30,7 +30,13 @@ from typing import Any, Final, TypeVar
 
 import aiosqlite
 
-from session_buddy_realtime.data.connection import Parameters, ReadConnection, read_connection
+from session_buddy_realtime.data.connection import (
+    ChangeToken,
+    Parameters,
+    ReadConnection,
+    change_token,
+    read_connection,
+)
 from session_buddy_realtime.data.detection import DetectionSettings, Finding, WindowStats, detect
 from session_buddy_realtime.data.queries import (
     ANOMALY_WINDOW,
@@ -49,7 +55,7 @@ from session_buddy_realtime.data.queries import (
     text_or_none,
     unix_time,
 )
-from session_buddy_realtime.data.schema import missing_tables
+from session_buddy_realtime.data.schema import failure_state
 from session_buddy_realtime.data.source import MAX_ANOMALIES, MetricsSnapshot, SourceState
 from session_buddy_realtime.protocol import format_timestamp
 
@@ -75,7 +81,7 @@ class _Anomaly:
 
 @dataclass(slots=True)
 class _Cache:
-    token: tuple[int, int] | None = None
+    token: ChangeToken | None = None
     top: list[dict[str, Any]] = field(default_factory=list)
     rows: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     table_anomalies: list[_Anomaly] = field(default_factory=list)
@@ -147,7 +153,7 @@ class MetricsReader:
         async with self._lock:
             now = self._clock()
             try:
-                token = await self._change_token()
+                token = await change_token(self._db)
             except _READ_ERRORS as exc:
                 failures: list[Exception] = [exc]
             else:
@@ -158,9 +164,7 @@ class MetricsReader:
                 self._set_state(SourceState.OK, None)
             return self._snapshot(skills, now)
 
-    async def _refresh(
-        self, token: tuple[int, int], skills: Set[str], now: float
-    ) -> list[Exception]:
+    async def _refresh(self, token: ChangeToken, skills: Set[str], now: float) -> list[Exception]:
         # Each part reads one table and keeps its last good value when it fails, so a
         # missing skill_anomalies table does not hide the top skills.
         cache = self._cache
@@ -210,10 +214,6 @@ class MetricsReader:
 
     async def _refresh_live_anomalies(self, now: float) -> None:
         self._cache.live_anomalies = await self._fetch_live_anomalies(now)
-
-    async def _change_token(self) -> tuple[int, int]:
-        rows = await self._fetch("PRAGMA data_version", ())
-        return (int(rows[0][0]), self._db.total_changes)
 
     async def _fetch(self, sql: str, parameters: Parameters) -> list[tuple[Any, ...]]:
         # Rows are plain tuples whatever the host set on its connection (a cursor of the
@@ -321,16 +321,7 @@ class MetricsReader:
         )
 
     async def _fail(self, exc: Exception) -> None:
-        state, message = SourceState.ERROR, f"database error: {exc}"
-        if isinstance(exc, sqlite3.OperationalError) and "no such" in str(exc):
-            try:
-                absent = await missing_tables(self._db)
-            except _READ_ERRORS:
-                absent = []
-            if absent:
-                state = SourceState.MISSING_TABLES
-                message = f"the skills database lacks table(s): {', '.join(absent)}"
-        self._set_state(state, message)
+        self._set_state(*await failure_state(self._db, exc))
 
     def _set_state(self, state: SourceState, message: str | None) -> None:
         if (state, message) == (self._state, self._message):

@@ -8,13 +8,15 @@ an invocation completes.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Final
 
 import aiosqlite
 
 from session_buddy_realtime.data.connection import ReadConnection, read_connection
+from session_buddy_realtime.data.source import SourceState
 
-__all__ = ["REQUIRED_TABLES", "SCHEMA_SQL", "create_schema", "missing_tables"]
+__all__ = ["REQUIRED_TABLES", "SCHEMA_SQL", "create_schema", "failure_state", "missing_tables"]
 
 REQUIRED_TABLES: Final = ("skill_invocation", "skill_metrics", "skill_anomalies")
 
@@ -115,3 +117,18 @@ async def missing_tables(db: ReadConnection | aiosqlite.Connection) -> list[str]
     )
     present = {row[0] for row in rows}
     return [name for name in REQUIRED_TABLES if name not in present]
+
+
+async def failure_state(db: ReadConnection, exc: Exception) -> tuple[SourceState, str]:
+    """What a failed read means: ``missing_tables`` naming them when that is the cause
+    (the host has not created its tables yet), otherwise ``error`` with SQLite's message."""
+    if isinstance(exc, sqlite3.OperationalError) and "no such" in str(exc):
+        try:
+            absent = await missing_tables(db)
+        except (sqlite3.Error, ValueError):
+            absent = []
+        if absent:
+            return SourceState.MISSING_TABLES, (
+                f"the skills database lacks table(s): {', '.join(absent)}"
+            )
+    return SourceState.ERROR, f"database error: {exc}"

@@ -187,8 +187,8 @@ def _token(text: str) -> str:
 def _origins(text: str) -> tuple[str, ...]:
     origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
     for origin in origins:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise ValueError(f"{origin!r} is not an origin like https://dashboard.example:3000")
+        if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"{origin!r} is not an origin like http://localhost:3000 or null")
     return origins
 
 

@@ -30,6 +30,7 @@ from websockets.http11 import Request, Response
 
 from session_buddy_realtime.stream.security import (
     AuthThrottle,
+    OriginLog,
     handshake_token,
     host_header_allowed,
     host_of,
@@ -44,6 +45,7 @@ __all__ = [
     "default_max_connections",
     "drop",
     "listen_backlog",
+    "peer_ip",
     "tracking_connection_class",
 ]
 
@@ -84,7 +86,7 @@ class ConnectionRegistry:
 
     def add(self, connection: ServerConnection) -> None:
         """Count a connection just accepted; drop it if it is over a socket cap."""
-        ip = _ip_of(connection)
+        ip = peer_ip(connection)
         self.connections.add(connection)
         self.per_ip[ip] += 1
         if self.per_ip[ip] > self.max_sockets_per_ip:
@@ -96,7 +98,7 @@ class ConnectionRegistry:
         """Forget a connection that closed."""
         if connection in self.connections:
             self.connections.discard(connection)
-            ip = _ip_of(connection)
+            ip = peer_ip(connection)
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
@@ -130,7 +132,7 @@ class ConnectionRegistry:
         )
 
 
-def _ip_of(connection: ServerConnection) -> str:
+def peer_ip(connection: ServerConnection) -> str:
     """The peer's address, or "unknown"."""
     peer = connection.transport.get_extra_info("peername") if connection.transport else None
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
@@ -232,6 +234,7 @@ class HandshakeGate:
     bound_host: str
     refused: Counter[str] = field(default_factory=Counter)
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    origin_log: OriginLog = field(default_factory=OriginLog)
     _logged_at: dict[str, float] = field(default_factory=dict)
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -250,7 +253,7 @@ class HandshakeGate:
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "server is at its connection limit; try again later",
             )
-        if self.registry.per_ip[_ip_of(connection)] > self.max_connections_per_ip:
+        if self.registry.per_ip[peer_ip(connection)] > self.max_connections_per_ip:
             return self._refuse(
                 connection,
                 "too_many_connections_from_ip",
@@ -271,8 +274,11 @@ class HandshakeGate:
     def upgrade(self, connection: ServerConnection, request: Request) -> Response | None:
         """Checks for a WebSocket upgrade: the Origin and the token, if one is sent."""
         headers = request.headers
-        origins = headers.get_all("Origin")
-        if not origin_allowed(origins[0] if origins else None, self.allowed_origins):
+        origin = headers.get("Origin")
+        if not origin_allowed(
+            origin, self.allowed_origins, host=headers.get("Host"), bound_host=self.bound_host
+        ):
+            self.origin_log.refused(str(origin))
             return self._refuse(
                 connection,
                 "origin_not_allowed",
@@ -281,7 +287,7 @@ class HandshakeGate:
             )
         provided = handshake_token(headers.raw_items(), request.path)
         if provided is not None and self.token is not None:
-            ip = _ip_of(connection)
+            ip = peer_ip(connection)
             wait = self.throttle.wait(ip)
             if wait > 0:
                 return self._refuse(
@@ -326,7 +332,7 @@ class HandshakeGate:
             self._logged_at[reason] = now
             logger.debug(
                 "refused a connection from %s: %s (%d so far)",
-                _ip_of(connection),
+                peer_ip(connection),
                 reason,
                 self.refused[reason],
             )

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Set
+from collections.abc import Awaitable, Set
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -60,6 +60,7 @@ class Subscriber:
 
 
 S = TypeVar("S", bound=Subscriber)
+T = TypeVar("T")
 
 
 class Hub(Generic[S]):
@@ -117,6 +118,11 @@ class Hub(Generic[S]):
         if session is not None:
             logger.debug("client %s left (%d now)", session.remote, len(self.sessions))
 
+    @property
+    def broadcasting(self) -> bool:
+        """True while the broadcaster task runs (between ``start()`` and ``close_all()``)."""
+        return self._broadcaster is not None and not self._broadcaster.done()
+
     async def until_sessions(self, stopping: asyncio.Event) -> bool:
         """Wait until a session is added (True) or ``stopping`` is set (False)."""
         arrived = asyncio.ensure_future(self._has_sessions.wait())
@@ -133,6 +139,20 @@ class Hub(Generic[S]):
     async def read(self, skills: Set[str]) -> MetricsSnapshot:
         """The source's state for ``skills``, within the tick's read timeout."""
         return await self.source.read(skills, self.read_timeout)
+
+    async def unless_stopping(self, work: Awaitable[T]) -> T | None:
+        """The result of ``work``, or None if the hub stops first (``work`` is cancelled):
+        a request still being answered never holds up ``close_all()``."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return None if task.cancelled() else task.result()
 
     async def subscribe(self, session: S, skill: str | None) -> None:
         """Subscribe ``session`` to all skills (None) or one: confirm, then a snapshot."""
@@ -196,6 +216,7 @@ class Hub(Generic[S]):
             ended = loop.time()
             self.stats.last_tick_at = format_timestamp()
             self.stats.last_tick_seconds = round(ended - began, 6)
+            self.stats.tick_seconds.observe(ended - began)
             next_tick += interval
             if next_tick <= ended:
                 missed = math.floor((ended - next_tick) / interval) + 1

@@ -4,17 +4,21 @@
 ``admit`` checks (connection limits, Host). A plain request (no ``Upgrade: websocket``)
 for a registered path is answered by that route; anything else is a WebSocket
 handshake, checked by the gate's ``upgrade`` (Origin, token) and then handed to the hub
-through the connection handler. A route never touches the hub.
+through the connection handler. A route never touches the hub. Routes answer GET and
+HEAD (the same headers, no body); other methods get 405.
 """
 
 from __future__ import annotations
 
+import email.utils
 import errno
+import http
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError, ServerStartError
@@ -25,7 +29,7 @@ from session_buddy_realtime.stream.gate import (
 )
 from session_buddy_realtime.stream.security import redacting_logger
 
-__all__ = ["HttpRouter", "Route", "listen"]
+__all__ = ["HttpRouter", "Route", "http_response", "listen", "listener_urls"]
 
 Route = Callable[[ServerConnection, Request], Response | Awaitable[Response]]
 """Answers one plain HTTP request; may be a coroutine function."""
@@ -41,12 +45,16 @@ class HttpRouter:
     def __init__(self, gate: HandshakeGate) -> None:
         self.gate = gate
         self._routes: dict[str, Route] = {}
+        self._prefixes: dict[str, Route] = {}
 
-    def add_route(self, path: str, route: Route) -> None:
-        """Answer plain requests for ``path`` (the query string is ignored) with ``route``."""
+    def add_route(self, path: str, route: Route, *, prefix: bool = False) -> None:
+        """Answer plain requests for ``path`` (the query string is ignored) with ``route``.
+
+        With ``prefix``, for every path that starts with ``path`` (the route checks the rest).
+        """
         if not path.startswith("/"):
             raise ValueError(f"invalid route path {path!r}: must start with '/'")
-        self._routes[path] = route
+        (self._prefixes if prefix else self._routes)[path] = route
 
     def __call__(
         self, connection: ServerConnection, request: Request
@@ -55,11 +63,78 @@ class HttpRouter:
         refusal = self.gate.admit(connection, request)
         if refusal is not None:
             return refusal
-        if self._routes and not _is_upgrade(request):
-            route = self._routes.get(urlsplit(request.path).path)
+        if (self._routes or self._prefixes) and not _is_upgrade(request):
+            route = self._route_for(urlsplit(request.path).path)
             if route is not None:
-                return route(connection, request)
+                return _answer(route, connection, request)
         return self.gate.upgrade(connection, request)
+
+    def _route_for(self, path: str) -> Route | None:
+        route = self._routes.get(path)
+        if route is None:
+            for prefix, candidate in self._prefixes.items():
+                if path.startswith(prefix):
+                    return candidate
+        return route
+
+
+def _answer(
+    route: Route, connection: ServerConnection, request: Request
+) -> Response | Awaitable[Response]:
+    if request.method not in ("GET", "HEAD"):
+        return http_response(
+            http.HTTPStatus.METHOD_NOT_ALLOWED,
+            b"method not allowed: use GET or HEAD\n",
+            "text/plain; charset=utf-8",
+            [("Allow", "GET, HEAD")],
+        )
+    response = route(connection, request)
+    if request.method == "GET":
+        return response
+    if isinstance(response, Response):
+        response.body = b""  # HEAD: the GET's headers, Content-Length included
+        return response
+
+    async def without_body() -> Response:
+        answered = await response
+        answered.body = b""
+        return answered
+
+    return without_body()
+
+
+def http_response(
+    status: http.HTTPStatus,
+    body: bytes,
+    content_type: str,
+    headers: Iterable[tuple[str, str]] = (),
+) -> Response:
+    """A plain HTTP response, closing the connection after it, never sniffed for its type."""
+    return Response(
+        status.value,
+        status.phrase,
+        Headers(
+            [
+                ("Date", email.utils.formatdate(usegmt=True)),
+                ("Connection", "close"),
+                ("Content-Length", str(len(body))),
+                ("Content-Type", content_type),
+                ("X-Content-Type-Options", "nosniff"),
+                *headers,
+            ]
+        ),
+        body,
+    )
+
+
+def listener_urls(listener: Server, *, tls: bool) -> list[str]:
+    """The ``ws://`` (``wss://`` with ``tls``) address of each of the listener's sockets."""
+    urls = []
+    for sock in listener.sockets:
+        address, port = sock.getsockname()[:2]
+        shown = f"[{address}]" if ":" in address else address
+        urls.append(f"{'wss' if tls else 'ws'}://{shown}:{port}")
+    return urls
 
 
 async def listen(

@@ -25,8 +25,10 @@ from session_buddy_realtime.errors import ServerStartError
 
 __all__ = [
     "AuthThrottle",
+    "OriginLog",
     "RateLimiter",
     "RedactSecrets",
+    "bearer_token",
     "build_ssl_context",
     "handshake_token",
     "host_header_allowed",
@@ -61,13 +63,21 @@ def tokens_match(provided: str, expected: str) -> bool:
     )
 
 
-def handshake_token(headers: Iterable[tuple[str, str]], path: str) -> str | None:
-    """Return the token of an ``Authorization: Bearer`` header or a ``token`` query parameter."""
+def bearer_token(headers: Iterable[tuple[str, str]]) -> str | None:
+    """Return the token of an ``Authorization: Bearer`` header, if there is one."""
     for name, value in headers:
         if name.lower() == "authorization":
             scheme, _, credentials = value.partition(" ")
             if scheme.lower() == "bearer" and credentials.strip():
                 return credentials.strip()
+    return None
+
+
+def handshake_token(headers: Iterable[tuple[str, str]], path: str) -> str | None:
+    """Return the token of an ``Authorization: Bearer`` header or a ``token`` query parameter."""
+    token = bearer_token(headers)
+    if token is not None:
+        return token
     values = parse_qs(urlsplit(path).query).get("token")
     return values[0] if values else None
 
@@ -131,11 +141,90 @@ def own_origins(port: int) -> set[str]:
     }
 
 
-def origin_allowed(origin: str | None, allowed: set[str]) -> bool:
-    """No Origin header (not a browser) is allowed; otherwise it must be listed, or ``*``."""
+# A well-formed http(s) origin; group 1 is the host. Also what a setting can list as it is.
+_ORIGIN: Final = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def origin_allowed(
+    origin: str | None,
+    allowed: set[str],
+    *,
+    host: str | None = None,
+    bound_host: str = "",
+) -> bool:
+    """Whether a WebSocket from a page of ``origin`` may open (the default policy).
+
+    Allowed: no Origin header (not a browser); an origin listed in ``allowed`` (``*`` for
+    any, ``null`` for ``file://`` pages); the page this server served, that is the
+    request's own ``host`` (its Host header) when that names an address or a loopback
+    host, or the host the server is bound to (not any other name: that could be DNS
+    rebinding); and, when ``bound_host`` is a loopback address, any loopback page
+    (``http(s)://localhost:*``, ``127.0.0.1``, ``[::1]``), which only this machine serves.
+    """
     if origin is None:
         return True
-    return "*" in allowed or origin.rstrip("/") in allowed
+    origin = origin.rstrip("/")
+    if "*" in allowed or origin in allowed:
+        return True
+    parsed = _ORIGIN.fullmatch(origin)
+    if parsed is None:
+        return False  # "null" (opaque origins: files, sandboxed frames) unless listed
+    name = parsed.group(1).strip("[]").lower()
+    if is_loopback(bound_host) and is_loopback(name):
+        return True
+    if host is None or origin.partition("://")[2].lower() != host.strip().lower():
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return is_loopback(name) or name == bound_host.strip("[]").lower()
+    return True
+
+
+_MAX_LOGGED_ORIGINS: Final = 1000
+
+
+@dataclass(slots=True)
+class OriginLog:
+    """Logs each refused origin once, at WARNING, with the setting that would allow it.
+
+    At most ``limit`` distinct origins are remembered; beyond them one line says that
+    further origins are no longer logged, so no client can flood the log.
+    """
+
+    limit: int = _MAX_LOGGED_ORIGINS
+    _seen: set[str] = field(default_factory=set)
+    _full: bool = False
+
+    def refused(self, origin: str) -> None:
+        """Note that a WebSocket from ``origin`` was refused."""
+        origin = origin.rstrip("/")
+        if origin in self._seen:
+            return
+        if len(self._seen) >= self.limit:
+            if not self._full:
+                self._full = True
+                logger.warning(
+                    "refused WebSockets from more than %d distinct origins; further "
+                    "origins are refused without a log line",
+                    self.limit,
+                )
+            return
+        self._seen.add(origin)
+        shown = origin if len(origin) <= 200 else origin[:200] + "..."
+        if origin == "null" or _ORIGIN.fullmatch(origin):
+            logger.warning(
+                "refused a WebSocket from origin %r (not allowed): to allow it, set "
+                "SESSION_BUDDY_REALTIME_ALLOWED_ORIGINS=%s or pass --allow-origin %s",
+                shown,
+                origin,
+                origin,
+            )
+        else:
+            logger.warning(
+                "refused a WebSocket from origin %r: not an origin that can be listed",
+                shown,
+            )
 
 
 def build_ssl_context(certfile: Path, keyfile: Path | None) -> ssl.SSLContext:

@@ -30,7 +30,8 @@ from session_buddy_realtime.stream.gate import (
 )
 from session_buddy_realtime.stream.hub import Hub
 from session_buddy_realtime.stream.keepalive import Keepalive
-from session_buddy_realtime.stream.router import HttpRouter, listen
+from session_buddy_realtime.stream.router import HttpRouter, listen, listener_urls
+from session_buddy_realtime.stream.routes import install_routes
 from session_buddy_realtime.stream.security import (
     build_ssl_context,
     is_loopback,
@@ -83,8 +84,9 @@ class RealTimeMetricsServer:
         auth_timeout: Seconds a client has to authenticate before it is closed (4001).
         ssl_certfile: PEM certificate (chain) to serve ``wss://``; None for plain ``ws://``.
         ssl_keyfile: PEM private key, if not in ``ssl_certfile``.
-        allowed_origins: Browser origins allowed besides the server's own; ``*`` for any.
-            Clients that send no Origin (not browsers) are always allowed.
+        allowed_origins: Browser origins allowed besides the defaults (the server's own
+            pages, and on loopback any loopback page); ``*`` for any, ``null`` for pages
+            opened from files. Clients that send no Origin (not browsers) are always allowed.
         check_host_header: On a loopback address, refuse requests whose Host header names
             another host (DNS rebinding).
         max_connections: Open connections at most; None for 10,000 or what the open-file
@@ -219,13 +221,7 @@ class RealTimeMetricsServer:
         """The ``ws://`` addresses the server listens on (empty when stopped)."""
         if self._running is None:
             return []
-        scheme = "wss" if self._ssl_certfile is not None else "ws"
-        urls = []
-        for sock in self._running.listener.sockets:
-            address, port = sock.getsockname()[:2]
-            shown = f"[{address}]" if ":" in address else address
-            urls.append(f"{scheme}://{shown}:{port}")
-        return urls
+        return listener_urls(self._running.listener, tls=self._ssl_certfile is not None)
 
     async def start(self) -> None:
         """Open the database, listen, and start the broadcaster. Harmless when running.
@@ -259,12 +255,16 @@ class RealTimeMetricsServer:
                 refused=self._stats.refused,
                 throttle=self._policy.throttle,
             )
+            router = HttpRouter(gate)
+            install_routes(
+                router, self._hub, self._policy, status=self.status, snapshot=self.snapshot
+            )
             try:
                 listener = await listen(
                     self.client_handler,
                     self.host,
                     self.port,
-                    router=HttpRouter(gate),
+                    router=router,
                     ssl_context=ssl_context,
                     max_message_size=self._max_message_size,
                     open_timeout=self._open_timeout,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,16 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from session_buddy_realtime._version import __version__
+from session_buddy_realtime.data.source import LOOKUP_WAIT, History, HistoryWindow, SkillNames
 from session_buddy_realtime.protocol import (
+    MAX_SKILL_RESULTS,
     Auth,
     CloseCode,
     ErrorCode,
+    HistoryRequest,
     Ping,
     ProtocolError,
+    SkillsRequest,
     Subscribe,
     Unsubscribe,
     authenticated_message,
@@ -151,6 +156,8 @@ class ClientSession(Subscriber):
                 await self.reply(unsubscribed_message(timestamp=format_timestamp()))
             elif isinstance(request, Ping):
                 await self.reply(pong_message(timestamp=format_timestamp()))
+            elif isinstance(request, HistoryRequest | SkillsRequest):
+                await self._look_up(request)
             elif isinstance(request, Auth):
                 await self._check_token(request.token)
         except ConnectionClosed:
@@ -160,6 +167,18 @@ class ClientSession(Subscriber):
             self.hub.stats.record_error(f"handling {type(request).__name__.lower()}: {exc!r}")
             logger.exception("internal error answering %s", type(request).__name__.lower())
             await self.reply_error(ErrorCode.INTERNAL_ERROR, "internal error; see the server log")
+
+    async def _look_up(self, request: HistoryRequest | SkillsRequest) -> None:
+        """Answer ``history`` or ``skills`` from the source; nothing if the server stops first."""
+        work: Awaitable[History | SkillNames]
+        if isinstance(request, HistoryRequest):
+            window = HistoryWindow.for_interval(self.policy.update_interval)
+            work = self.hub.source.history(request.skill, window, LOOKUP_WAIT)
+        else:
+            work = self.hub.source.skill_names(request.query, MAX_SKILL_RESULTS, LOOKUP_WAIT)
+        answer: History | SkillNames | None = await self.hub.unless_stopping(work)
+        if answer is not None:
+            await self.reply(answer.reply(format_timestamp()))
 
     async def subscribe(self, skill_name: object) -> None:
         """Subscribe to all skills (None) or one: confirmation, then a snapshot at once."""

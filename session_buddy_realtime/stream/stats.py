@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import Counter
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Final
 
 from session_buddy_realtime.protocol import format_timestamp
 
-__all__ = ["StreamStats"]
+__all__ = ["TICK_BUCKETS", "Histogram", "StreamStats"]
+
+TICK_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds (seconds) of the tick-duration histogram's buckets, +Inf implied."""
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Observations counted in buckets by upper bound (inclusive), as Prometheus reads them."""
+
+    bounds: tuple[float, ...] = TICK_BUCKETS
+    counts: list[int] = field(init=False)
+    """Per bucket, not cumulative; the last one is above every bound."""
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations at most that)`` per bucket, ending with +Inf."""
+        running, result = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += count
+            result.append((bound, running))
+        return result
 
 
 @dataclass(slots=True)
@@ -33,6 +66,8 @@ class StreamStats:
     auth_failures: int = 0
     rate_limited: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    tick_seconds: Histogram = field(default_factory=Histogram)
+    """How long ticks took (for ``/metrics``; not in ``status()``)."""
 
     def reset(self) -> None:
         """Start counting from zero (on every ``start()``)."""
@@ -42,7 +77,11 @@ class StreamStats:
 
     def describe(self) -> dict[str, Any]:
         """The counters as shown in ``status()``."""
-        described = {each.name: getattr(self, each.name) for each in fields(self)}
+        described = {
+            each.name: getattr(self, each.name)
+            for each in fields(self)
+            if each.name != "tick_seconds"
+        }
         described["refused"] = dict(self.refused)
         return described
 
