@@ -145,6 +145,17 @@ class Client:
 ClientFactory = Callable[..., Awaitable[Client]]
 
 
+async def update_where(
+    client: Client, predicate: Callable[[dict[str, Any]], bool], timeout: float = 100 * UNIT
+) -> dict[str, Any]:
+    """Receive updates until one matches ``predicate`` (bounded)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            update = await client.recv_type("metrics_update")
+            if predicate(update):
+                return update
+
+
 @pytest.fixture
 async def open_client() -> AsyncIterator[ClientFactory]:
     """Open clients to a server URL; each has received its ``connected`` message."""

@@ -12,7 +12,7 @@ import concurrent.futures
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,11 @@ from session_buddy_realtime.data.database import DatabaseSource
 from tests.conftest import (
     INTERVAL,
     UNIT,
-    Client,
     ClientFactory,
     ServerFactory,
     SkillsDB,
     iso,
+    update_where,
     url_of,
     wait_until,
 )
@@ -60,17 +60,6 @@ def host_records(conn: sqlite3.Connection, skill: str, count: int = 1) -> None:
 
 def top_names(update: dict[str, Any]) -> list[str]:
     return [row["skill_name"] for row in update["data"]["top_skills"]]
-
-
-async def update_where(
-    client: Client, predicate: Callable[[dict[str, Any]], bool], timeout: float = 100 * UNIT
-) -> dict[str, Any]:
-    """Receive updates until one matches ``predicate`` (bounded)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            update = await client.recv_type("metrics_update")
-            if predicate(update):
-                return update
 
 
 async def test_server_streams_through_the_hosts_sync_connection(

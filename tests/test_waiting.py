@@ -22,10 +22,10 @@ from session_buddy_realtime.data.schema import SCHEMA_SQL
 from tests.conftest import (
     INTERVAL,
     UNIT,
-    Client,
     ClientFactory,
     ServerFactory,
     SkillsDB,
+    update_where,
     url_of,
     wait_until,
 )
@@ -54,17 +54,6 @@ async def run_python(script: str, *args: str) -> None:
     process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args)
     async with asyncio.timeout(200 * UNIT):
         assert await process.wait() == 0
-
-
-async def update_where(
-    client: Client, predicate: Callable[[dict[str, Any]], bool], timeout: float = 100 * UNIT
-) -> dict[str, Any]:
-    """Receive updates until one matches ``predicate`` (bounded)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            update = await client.recv_type("metrics_update")
-            if predicate(update):
-                return update
 
 
 def in_state(state: str) -> Callable[[dict[str, Any]], bool]:
