@@ -223,6 +223,8 @@ async def _serve(args: argparse.Namespace) -> int:
     writer_task = asyncio.create_task(writer.run()) if writer is not None else None
     print(f"Streaming skill metrics from {db_path} on {', '.join(server.urls)}", flush=True)
     print(f"Watch it with: session-buddy-realtime watch --url {server.urls[0]}", flush=True)
+    page = server.urls[0].replace("ws", "http", 1)  # ws:// -> http://, wss:// -> https://
+    print(f"Or open the dashboard: {page}/", flush=True)
     if not db_path.is_file():  # noqa: ASYNC240 - one stat at start
         print(
             f"Waiting for the skills database {db_path.resolve()}: it does not exist yet; "  # noqa: ASYNC240

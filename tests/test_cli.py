@@ -250,6 +250,18 @@ def test_watch_one_skill_gets_confirmation_then_that_skill(spawn: Spawn, tmp_pat
     assert all(a["skill_name"] == "pytest-run" for a in update["data"]["anomalies"])
 
 
+def test_serve_prints_the_dashboard_url_and_it_answers(demo_server: Server) -> None:
+    """``serve`` prints the dashboard's http:// URL beside the ws:// one, and that URL serves
+    the page (checked with a plain HTTP request, as a browser's first one)."""
+    line = demo_server.process.stdout.wait_for(r"^Or open the dashboard: (http://\S+/)$", STARTUP)
+    assert line.group(1) == f"http://127.0.0.1:{demo_server.port}/"
+    with socket.create_connection(("127.0.0.1", demo_server.port), timeout=RUN) as plain:
+        plain.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{demo_server.port}\r\n\r\n".encode())
+        head = plain.recv(4096).decode("latin-1")
+    assert head.startswith("HTTP/1.1 200 ")
+    assert "text/html" in head
+
+
 def test_watch_ping_prints_pong(demo_server: Server, tmp_path: Path) -> None:
     """``watch --ping`` measures one round trip, prints "pong" and exits 0."""
     result = run_cli("watch", "--ping", "--url", demo_server.url, cwd=tmp_path)

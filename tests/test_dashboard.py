@@ -373,6 +373,22 @@ async def test_markup_in_a_skill_name_shows_as_text(
     assert page.dialogs == []
 
 
+async def test_a_name_the_stream_cannot_follow_is_shown_but_not_offered(
+    page: Page, skills_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """Names in the top 10 that subscribe refuses (a leading space, a right-to-left override)
+    show as text with no button to follow them; a valid name beside them keeps its button."""
+    skills_db.record(" lead", count=5)
+    skills_db.record("\u202eevil", count=4)
+    skills_db.record("fine-skill", count=3)
+    server = await start_server()
+    await open_live(page, server)
+    await wait_for_row(page, "fine-skill", invocations="3")
+    buttons = "[...document.querySelectorAll('#skills-body .skill-link')].map((b) => b.textContent)"
+    assert await page.evaluate(buttons) == ["fine-skill"]
+    assert "lead" in await page.text("#skills-body")
+
+
 async def test_phone_width_and_dark_mode(
     page: Page, skills_db: SkillsDB, start_server: ServerFactory
 ) -> None:

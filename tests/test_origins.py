@@ -111,10 +111,11 @@ async def test_a_refused_origin_is_logged_once_with_the_setting_that_allows_it(
     warnings = [r.getMessage() for r in caplog.records if r.name == SECURITY_LOGGER]
     assert warnings == [
         "refused a WebSocket from origin 'http://example.com' (not allowed): to allow it, "
-        "set SESSION_BUDDY_REALTIME_ALLOWED_ORIGINS=http://example.com or pass "
-        "--allow-origin http://example.com",
+        "add http://example.com to SESSION_BUDDY_REALTIME_ALLOWED_ORIGINS (comma-separated) "
+        "or pass --allow-origin http://example.com",
         "refused a WebSocket from origin 'null' (not allowed): to allow it, "
-        "set SESSION_BUDDY_REALTIME_ALLOWED_ORIGINS=null or pass --allow-origin null",
+        "add null to SESSION_BUDDY_REALTIME_ALLOWED_ORIGINS (comma-separated) "
+        "or pass --allow-origin null",
     ]
     assert server.status()["refused"]["origin_not_allowed"] == 4
 

@@ -21,9 +21,20 @@ export function rateTone(rate) {
   return "bad";
 }
 
+/**
+ * Whether the server would accept `name` in `subscribe` (the protocol's skill-name rules):
+ * 1 to 128 characters, no whitespace at either end, no control or format character (such
+ * as a right-to-left override). Any tool can write a name the database keeps but the
+ * stream cannot follow; such a name is shown, but offered as nothing to click.
+ */
+export function followable(name) {
+  const length = [...name].length;
+  return length >= 1 && length <= 128 && !/^\s|\s$/u.test(name) && !/\p{C}/u.test(name);
+}
+
 /** A skill's name: a button that drills down when `onPick` is given, plain text otherwise. */
 function skillLabel(name, onPick) {
-  if (!onPick) return el("span", { class: "skill-name" }, name);
+  if (!onPick || !followable(name)) return el("span", { class: "skill-name" }, name);
   const attrs = { type: "button", class: "link skill-link", title: `Show only ${name}` };
   const button = el("button", attrs, name);
   button.addEventListener("click", () => onPick(name));

@@ -214,8 +214,9 @@ class OriginLog:
         shown = origin if len(origin) <= 200 else origin[:200] + "..."
         if origin == "null" or _ORIGIN.fullmatch(origin):
             logger.warning(
-                "refused a WebSocket from origin %r (not allowed): to allow it, set "
-                "SESSION_BUDDY_REALTIME_ALLOWED_ORIGINS=%s or pass --allow-origin %s",
+                "refused a WebSocket from origin %r (not allowed): to allow it, add %s to "
+                "SESSION_BUDDY_REALTIME_ALLOWED_ORIGINS (comma-separated) or pass "
+                "--allow-origin %s",
                 shown,
                 origin,
                 origin,
