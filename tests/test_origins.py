@@ -91,10 +91,12 @@ async def test_the_servers_own_page_is_allowed_wherever_it_is_served(
 async def test_listed_origins_are_allowed_null_included(
     skills_db: SkillsDB, start_server: ServerFactory
 ) -> None:
-    """An origin in allowed_origins connects; 'null' lets file:// pages connect."""
-    server = await start_server(allowed_origins=["null", "https://dash.example/"])
+    """An origin in allowed_origins connects, whatever the case of its scheme and host in
+    the list or the request; 'null' lets file:// pages connect."""
+    server = await start_server(allowed_origins=["null", "https://Dash.Example/"])
     assert await _opens(server.port, "null") == 101
     assert await _opens(server.port, "https://dash.example") == 101
+    assert await _opens(server.port, "HTTPS://DASH.example") == 101
     assert await _opens(server.port, "https://other.example") == 403
 
 

@@ -154,17 +154,19 @@ def origin_allowed(
 ) -> bool:
     """Whether a WebSocket from a page of ``origin`` may open (the default policy).
 
-    Allowed: no Origin header (not a browser); an origin listed in ``allowed`` (``*`` for
-    any, ``null`` for ``file://`` pages); the page this server served, that is the
-    request's own ``host`` (its Host header) when that names an address or a loopback
-    host, or the host the server is bound to (not any other name: that could be DNS
-    rebinding); and, when ``bound_host`` is a loopback address, any loopback page
-    (``http(s)://localhost:*``, ``127.0.0.1``, ``[::1]``), which only this machine serves.
+    Allowed: no Origin header (not a browser); an origin listed in ``allowed`` (kept
+    lowercase, matched in any case; ``*`` for any, ``null`` for ``file://`` pages); the
+    page this server served, that is the request's own ``host`` (its Host header) when
+    that names an address or a loopback host, or the host the server is bound to (not
+    any other name: that could be DNS rebinding); and, when ``bound_host`` is a loopback
+    address, any loopback page (``http(s)://localhost:*``, ``127.0.0.1``, ``[::1]``), which
+    only this machine serves.
     """
     if origin is None:
         return True
     origin = origin.rstrip("/")
-    if "*" in allowed or origin in allowed:
+    # Scheme and host are case-insensitive; ``allowed`` is kept lowercase.
+    if "*" in allowed or origin.lower() in allowed:
         return True
     parsed = _ORIGIN.fullmatch(origin)
     if parsed is None:

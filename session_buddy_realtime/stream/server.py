@@ -162,7 +162,7 @@ class RealTimeMetricsServer:
         self._token = token
         self._ssl_certfile = None if ssl_certfile is None else Path(ssl_certfile)
         self._ssl_keyfile = None if ssl_keyfile is None else Path(ssl_keyfile)
-        self._allowed_origins = {origin.rstrip("/") for origin in allowed_origins}
+        self._allowed_origins = {origin.rstrip("/").lower() for origin in allowed_origins}
         self._check_host_header = check_host_header
         self._max_connections = max_connections or default_max_connections()
         self._max_connections_per_ip = max_connections_per_ip
