@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from session_buddy_realtime.stream.gate import ConnectionRegistry, HandshakeGate
+from session_buddy_realtime.stream.router import HttpRouter
 from tests.conftest import UNIT
 
 
@@ -52,3 +54,17 @@ async def http_request(
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
     return HttpReply(int(status_line.split()[1]), parsed, body)
+
+
+def bare_router() -> HttpRouter:
+    """A router without routes, behind a gate that checks the Host header (loopback)."""
+    gate = HandshakeGate(
+        registry=ConnectionRegistry(),
+        max_connections=10,
+        max_connections_per_ip=10,
+        token=None,
+        allowed_origins=set(),
+        check_host_header=True,
+        bound_host="127.0.0.1",
+    )
+    return HttpRouter(gate)

@@ -14,11 +14,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from session_buddy_realtime import __version__
-from session_buddy_realtime.stream.gate import ConnectionRegistry, HandshakeGate
 from session_buddy_realtime.stream.hub import Hub
 from session_buddy_realtime.stream.pages import CONTENT_TYPES
 from session_buddy_realtime.stream.prometheus import Family, metric_name, render
-from session_buddy_realtime.stream.router import HttpRouter, listen
+from session_buddy_realtime.stream.router import listen
 from session_buddy_realtime.stream.routes import install_routes
 from session_buddy_realtime.stream.session import SessionPolicy
 from session_buddy_realtime.stream.stats import Histogram, StreamStats
@@ -33,7 +32,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fakes import FakeSource
-from tests.http_support import HttpReply, http_request
+from tests.http_support import HttpReply, bare_router, http_request
 
 TOKEN = "http-token-for-the-tests"
 DASHBOARD = files("session_buddy_realtime") / "dashboard"
@@ -200,16 +199,7 @@ async def test_healthz_is_open_and_says_only_ok(start_server: ServerFactory) -> 
 async def test_healthz_is_503_when_nothing_broadcasts() -> None:
     """/healthz of a hub whose broadcaster does not run answers 503 (what a load
     balancer needs to take the instance out)."""
-    gate = HandshakeGate(
-        registry=ConnectionRegistry(),
-        max_connections=10,
-        max_connections_per_ip=10,
-        token=None,
-        allowed_origins=set(),
-        check_host_header=True,
-        bound_host="127.0.0.1",
-    )
-    router = HttpRouter(gate)
+    router = bare_router()
     hub: Hub[Any] = Hub(
         FakeSource(),
         StreamStats(),

@@ -12,9 +12,9 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError
-from session_buddy_realtime.stream.gate import ConnectionRegistry, HandshakeGate
 from session_buddy_realtime.stream.router import HttpRouter, listen
 from tests.conftest import UNIT
+from tests.http_support import bare_router
 
 
 async def _greet(connection: ServerConnection) -> None:
@@ -44,24 +44,10 @@ async def _http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int,
     return int(head.split()[1]), body.decode()
 
 
-def _router() -> HttpRouter:
-    """A router without routes, behind a gate that checks the Host header."""
-    gate = HandshakeGate(
-        registry=ConnectionRegistry(),
-        max_connections=10,
-        max_connections_per_ip=10,
-        token=None,
-        allowed_origins=set(),
-        check_host_header=True,
-        bound_host="127.0.0.1",
-    )
-    return HttpRouter(gate)
-
-
 @pytest.fixture
 async def listener() -> AsyncIterator[tuple[Server, HttpRouter]]:
     """A listener on 127.0.0.1 port 0 with a router (no routes yet)."""
-    router = _router()
+    router = bare_router()
     server = await listen(
         _greet,
         "127.0.0.1",
@@ -138,7 +124,7 @@ async def test_an_async_route_is_awaited(listener: tuple[Server, HttpRouter]) ->
 def test_a_route_path_must_be_absolute() -> None:
     """add_route refuses a path that does not start with '/', naming it."""
     with pytest.raises(ValueError, match="'metrics'"):
-        _router().add_route("metrics", _hello_route)
+        bare_router().add_route("metrics", _hello_route)
 
 
 async def test_a_taken_port_is_a_port_in_use_error(listener: tuple[Server, HttpRouter]) -> None:

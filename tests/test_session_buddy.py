@@ -290,26 +290,21 @@ def test_other_session_buddy_commands_run_from_this_environment(project: Path) -
     environment (not PATH's), unchanged: its message and exit status come through."""
     env = environment(project)
     env["PATH"] = "/usr/bin:/bin"  # as an MCP client may start it
-    result = subprocess.run(
-        [LAUNCHER, "run", "--", "session-buddy", "status"],
-        cwd=project,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=START,
-        check=False,
-    )
-    bare = subprocess.run(
-        [str(Path(sys.executable).with_name("session-buddy")), "status"],
-        cwd=project,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=START,
-        check=False,
-    )
+
+    def status(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, "status"],
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=START,
+            check=False,
+        )
+
+    result = status(LAUNCHER, "run", "--", "session-buddy")
+    bare = status(str(Path(sys.executable).with_name("session-buddy")))
     assert (result.returncode, result.stdout) == (bare.returncode, bare.stdout)
     assert "session-buddy-realtime" not in result.stderr
 

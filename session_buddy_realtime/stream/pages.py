@@ -10,9 +10,11 @@ files hold no data, so they are served without a token: the page asks for it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http
 import re
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import Final
 from urllib.parse import urlsplit
@@ -75,28 +77,50 @@ def _asset(connection: ServerConnection, request: Request) -> Response:
     return _serve(request, name)
 
 
+@dataclass(frozen=True, slots=True)
+class _File:
+    body: bytes
+    etag: str
+    content_type: str
+
+
+@functools.cache
+def _dashboard_files() -> dict[str, _File]:
+    """Every servable file of the package's dashboard folder, read and hashed once.
+
+    The files ship with the package and do not change while it runs, so no request
+    touches the disk (or hashes) again.
+    """
+    folder = files("session_buddy_realtime") / "dashboard"
+    found: dict[str, _File] = {}
+    for entry in folder.iterdir():
+        name = entry.name
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        if not entry.is_file() or not _NAME.fullmatch(name) or suffix not in CONTENT_TYPES:
+            continue
+        body = entry.read_bytes()
+        etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+        found[name] = _File(body, etag, CONTENT_TYPES[suffix])
+    return found
+
+
 def _serve(request: Request, name: str) -> Response:
-    suffix = name[name.rfind(".") :] if "." in name else ""
-    if not _NAME.fullmatch(name) or suffix not in CONTENT_TYPES:
+    served = _dashboard_files().get(name)
+    if served is None:
         return _not_found()
-    try:
-        body = (files("session_buddy_realtime") / "dashboard" / name).read_bytes()
-    except OSError:  # absent, a folder, unreadable
-        return _not_found()
-    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
     headers = [
         ("Cache-Control", "no-cache"),
-        ("ETag", etag),
+        ("ETag", served.etag),
         ("Content-Security-Policy", content_security_policy(request.headers.get("Host"))),
         ("Referrer-Policy", "no-referrer"),
         ("X-Frame-Options", "DENY"),
         ("Cross-Origin-Resource-Policy", "same-origin"),
     ]
-    if etag in request.headers.get("If-None-Match", ""):
-        response = http_response(http.HTTPStatus.NOT_MODIFIED, b"", CONTENT_TYPES[suffix], headers)
+    if served.etag in request.headers.get("If-None-Match", ""):
+        response = http_response(http.HTTPStatus.NOT_MODIFIED, b"", served.content_type, headers)
         del response.headers["Content-Length"]
         return response
-    return http_response(http.HTTPStatus.OK, body, CONTENT_TYPES[suffix], headers)
+    return http_response(http.HTTPStatus.OK, served.body, served.content_type, headers)
 
 
 def _not_found() -> Response:
