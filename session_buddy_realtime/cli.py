@@ -1,4 +1,4 @@
-"""The ``session-buddy-realtime`` command: ``serve``, ``watch``, ``mcp`` and ``run``."""
+"""The ``session-buddy-realtime`` command: ``serve``, ``edge``, ``watch``, ``mcp`` and ``run``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from session_buddy_realtime.errors import ConfigError, RealtimeError
 from session_buddy_realtime.host import launcher
 from session_buddy_realtime.host.settings import load_settings
 from session_buddy_realtime.host.stdio import run_stdio
-from session_buddy_realtime.stream.security import RedactSecrets
+from session_buddy_realtime.scaleout.link import redacted_url
+from session_buddy_realtime.stream.security import RedactSecrets, redact
 from session_buddy_realtime.stream.server import DEFAULT_DB_PATH, RealTimeMetricsServer
 from session_buddy_realtime.watch import DEFAULT_URL, watch
 
@@ -40,14 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the WebSocket server",
-        description="Run the realtime metrics server until Ctrl-C.",
+        description="Run the realtime metrics server until Ctrl-C. With --redis it also "
+        "publishes the stream for edges (one producer per database holds the lease).",
     )
-    serve.add_argument(
-        "--host", default=None, help="address to listen on (SESSION_BUDDY_REALTIME_HOST, localhost)"
-    )
-    serve.add_argument(
-        "--port", type=_port, default=None, help="port, 0 for any free (_PORT, 8765)"
-    )
+    _add_listener_options(serve)
     serve.add_argument(
         "--db",
         type=Path,
@@ -55,41 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"skills database ({DEFAULT_DB_PATH}; with --demo {DEFAULT_DEMO_DB_PATH})",
     )
     serve.add_argument(
-        "--interval", type=_interval, default=None, help="seconds between updates (_INTERVAL, 1.0)"
-    )
-    security = serve.add_argument_group(
-        "security",
-        "Defaults come from SESSION_BUDDY_REALTIME_* variables; the token only from "
-        "SESSION_BUDDY_REALTIME_TOKEN or --token-file, never from the command line.",
-    )
-    security.add_argument(
-        "--token-file", type=Path, default=None, help="file whose first line is the shared token"
-    )
-    security.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain")
-    security.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
-    security.add_argument(
-        "--allow-origin",
-        action="append",
-        default=None,
-        metavar="ORIGIN",
-        help="browser origin allowed besides the defaults (the server's own pages; on loopback "
-        "any page of this machine); repeatable; null for file:// pages, * for any",
-    )
-    security.add_argument("--max-connections", type=_positive_int, default=None)
-    security.add_argument("--max-connections-per-ip", type=_positive_int, default=None)
-    security.add_argument(
-        "--message-rate", type=float, default=None, help="client messages per second (10)"
-    )
-    serve.add_argument(
         "--demo",
         action="store_true",
         help="create a demo database if missing and keep writing invocations into it",
     )
     serve.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log level on stderr (info)",
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="publish the stream through Redis for edges (SESSION_BUDDY_REALTIME_REDIS_URL)",
+    )
+    edge = commands.add_parser(
+        "edge",
+        help="serve a producer's stream from Redis, with no database",
+        description="Serve the same stream, dashboard and HTTP endpoints as the producer "
+        "publishing through Redis, until Ctrl-C. Run several behind a load balancer.",
+    )
+    _add_listener_options(edge)
+    edge.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="the producer's Redis: redis://[user:password@]host:port/db, rediss:// for TLS "
+        "(SESSION_BUDDY_REALTIME_REDIS_URL; required)",
     )
 
     watch_cmd = commands.add_parser(
@@ -141,6 +126,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_listener_options(command: argparse.ArgumentParser) -> None:
+    """The options ``serve`` and ``edge`` share: where to listen, how often, security."""
+    command.add_argument(
+        "--host", default=None, help="address to listen on (SESSION_BUDDY_REALTIME_HOST, localhost)"
+    )
+    command.add_argument(
+        "--port", type=_port, default=None, help="port, 0 for any free (_PORT, 8765)"
+    )
+    command.add_argument(
+        "--interval", type=_interval, default=None, help="seconds between updates (_INTERVAL, 1.0)"
+    )
+    command.add_argument(
+        "--redis-prefix",
+        default=None,
+        metavar="NAME",
+        help="the stream's name in Redis, one per database (_REDIS_PREFIX, session-buddy-realtime)",
+    )
+    security = command.add_argument_group(
+        "security",
+        "Defaults come from SESSION_BUDDY_REALTIME_* variables; the token only from "
+        "SESSION_BUDDY_REALTIME_TOKEN or --token-file, never from the command line.",
+    )
+    security.add_argument(
+        "--token-file", type=Path, default=None, help="file whose first line is the shared token"
+    )
+    security.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain")
+    security.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    security.add_argument(
+        "--allow-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="browser origin allowed besides the defaults (the server's own pages; on loopback "
+        "any page of this machine); repeatable; null for file:// pages, * for any",
+    )
+    security.add_argument("--max-connections", type=_positive_int, default=None)
+    security.add_argument("--max-connections-per-ip", type=_positive_int, default=None)
+    security.add_argument(
+        "--message-rate", type=float, default=None, help="client messages per second (10)"
+    )
+    command.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level on stderr (info)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
@@ -151,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return launcher.run(target)
     try:
-        if args.command == "serve":
+        if args.command in ("serve", "edge"):
             _configure_logging(args.log_level)
             return asyncio.run(_serve(args))
         if args.command == "mcp":
@@ -185,7 +218,9 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    db_path: Path = args.db or (DEFAULT_DEMO_DB_PATH if args.demo else DEFAULT_DB_PATH)
+    edge = args.command == "edge"
+    demo = not edge and args.demo
+    db_path: Path = (not edge and args.db) or (DEFAULT_DEMO_DB_PATH if demo else DEFAULT_DB_PATH)
     writer: DemoWriter | None = None
     try:
         settings = load_settings(os.environ)
@@ -198,22 +233,27 @@ async def _serve(args: argparse.Namespace) -> int:
             "max_connections": args.max_connections,
             "max_connections_per_ip": args.max_connections_per_ip,
             "message_rate": args.message_rate,
+            "redis_url": args.redis,
+            "redis_prefix": args.redis_prefix,
         }
         options.update({key: value for key, value in overrides.items() if value is not None})
+        if edge and options["redis_url"] is None:
+            raise ConfigError("edge needs --redis URL (or SESSION_BUDDY_REALTIME_REDIS_URL)")
         server = RealTimeMetricsServer(
             host=args.host or settings.host,
             port=settings.port if args.port is None else args.port,
             db_path=db_path,
             update_interval=args.interval or settings.interval,
+            edge=edge,
             **options,
         )
-        if args.demo:
+        if demo:
             if await prepare_demo_database(db_path):
                 logger.info("created demo database %s", db_path)
             writer = DemoWriter(db_path)
         await server.start()
     except (RealtimeError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 1
 
     stop = asyncio.Event()
@@ -221,11 +261,14 @@ async def _serve(args: argparse.Namespace) -> int:
     for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     writer_task = asyncio.create_task(writer.run()) if writer is not None else None
-    print(f"Streaming skill metrics from {db_path} on {', '.join(server.urls)}", flush=True)
+    origin = f"Redis {redacted_url(options['redis_url'])}" if edge else str(db_path)
+    print(f"Streaming skill metrics from {origin} on {', '.join(server.urls)}", flush=True)
+    if server.server_role == "producer":
+        print(f"Publishing for edges on Redis {redacted_url(options['redis_url'])}", flush=True)
     print(f"Watch it with: session-buddy-realtime watch --url {server.urls[0]}", flush=True)
     page = server.urls[0].replace("ws", "http", 1)  # ws:// -> http://, wss:// -> https://
     print(f"Or open the dashboard: {page}/", flush=True)
-    if not db_path.is_file():  # noqa: ASYNC240 - one stat at start
+    if not edge and not db_path.is_file():  # noqa: ASYNC240 - one stat at start
         print(
             f"Waiting for the skills database {db_path.resolve()}: it does not exist yet; "  # noqa: ASYNC240
             f"the stream says so until the file appears.",

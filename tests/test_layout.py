@@ -17,9 +17,10 @@ ALLOWED: dict[str, set[str]] = {
     "hookspecs": set(),
     "watch": {"base"},
     "data": {"base"},
-    "stream": {"base", "data"},
-    "host": {"base", "data", "stream", "hookspecs"},
-    "top": {"base", "data", "stream", "host", "hookspecs", "watch"},
+    "scaleout": {"base", "data"},
+    "stream": {"base", "data", "scaleout"},
+    "host": {"base", "data", "scaleout", "stream", "hookspecs"},
+    "top": {"base", "data", "scaleout", "stream", "host", "hookspecs", "watch"},
 }
 HOST_ONLY_LIBRARIES = {"pluggy", "mcp", "pydantic", "fastmcp"}
 MAX_LINES = 400
@@ -40,7 +41,7 @@ def _part(module: str) -> str:
     inner = module.split(".")[1:]
     if not inner:
         return "top"
-    if inner[0] in {"data", "stream", "host"}:
+    if inner[0] in {"data", "scaleout", "stream", "host"}:
         return inner[0]
     if inner[0] in {"errors", "protocol", "_version"}:
         return "base"
@@ -106,6 +107,34 @@ def test_only_the_host_side_imports_pluggy_and_mcp(module: str) -> None:
     """The stream server and the data side know neither the plugin manager nor MCP."""
     used = {name.split(".")[0] for name in _imports(MODULES[module])} & HOST_ONLY_LIBRARIES
     assert used == set(), f"{module} imports {sorted(used)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _part(m) != "scaleout"))
+def test_only_scale_out_imports_redis(module: str) -> None:
+    """Redis (an optional extra) is known to the scale-out part alone."""
+    used = {name.split(".")[0] for name in _imports(MODULES[module])}
+    assert "redis" not in used, f"{module} imports redis"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _part(m) == "scaleout"))
+def test_redis_is_imported_only_when_used(module: str) -> None:
+    """Scale-out modules import ``redis`` inside functions (or for type checking) only, so
+    the package imports and runs without the extra installed."""
+    tree = ast.parse(MODULES[module].read_text())
+    top_level = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        and any(
+            name.split(".")[0] == "redis"
+            for name in (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+            )
+        )
+    ]
+    assert top_level == [], f"{module} imports redis at module level"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

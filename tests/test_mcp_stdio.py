@@ -336,6 +336,7 @@ async def test_full_flow_over_stdio(launch: Launch, tmp_path: Path) -> None:
         "host",
         "port",
         "interval",
+        "redis_url",
     }
     assert set(tools["realtime_snapshot"]["inputSchema"]["properties"]) == {"skill"}
 

@@ -359,7 +359,9 @@ def test_settings_defaults_and_parsing() -> None:
         ("TOKEN", "secret", "at least 8"),
         ("ALLOWED_ORIGINS", "evil.example", "not an origin"),
         ("MESSAGE_RATE", "0", "0.1 to 10000"),
-        ("REDIS_URL", "redis://localhost", "not supported"),
+        ("REDIS_URL", "http://user:secret@localhost", "redis://"),
+        ("REDIS_URL", "redis://user:secret@", "names no host"),
+        ("REDIS_PREFIX", "two words", "letters, digits"),
     ],
 )
 def test_bad_settings_name_the_variable(name: str, value: str, says: str) -> None:

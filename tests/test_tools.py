@@ -199,7 +199,8 @@ async def test_echoed_value_is_cut_short_and_kept_on_one_line(
         (
             "realtime_start",
             {"port": 0, "prot": 9000},
-            "unknown argument 'prot' for realtime_start; accepted: host, port, interval",
+            "unknown argument 'prot' for realtime_start; "
+            "accepted: host, port, interval, redis_url",
         ),
         (
             "realtime_stop",
@@ -304,7 +305,7 @@ async def test_input_schemas_still_publish_types_ranges_and_descriptions(
     async with hosted(kind, db=host_db) as (session, _):
         tools = {tool["name"]: tool["inputSchema"] for tool in await session.list_tools()}
     start = tools["realtime_start"]["properties"]
-    assert set(start) == {"host", "port", "interval"}
+    assert set(start) == {"host", "port", "interval", "redis_url"}
     assert {"type": "integer", "minimum": 0, "maximum": 65535} in start["port"]["anyOf"]
     assert {"type": "number", "minimum": 0.05, "maximum": 3600} in start["interval"]["anyOf"]
     [host] = [choice for choice in start["host"]["anyOf"] if choice["type"] == "string"]
@@ -313,7 +314,9 @@ async def test_input_schemas_still_publish_types_ranges_and_descriptions(
     skill = tools["realtime_snapshot"]["properties"]
     assert set(skill) == {"skill"}
     assert {"type": "string", "maxLength": 128} in skill["skill"]["anyOf"]
-    for name in ("host", "port", "interval"):
+    [url] = [choice for choice in start["redis_url"]["anyOf"] if choice["type"] == "string"]
+    assert (url["minLength"], url["maxLength"]) == (1, 2048)
+    for name in ("host", "port", "interval", "redis_url"):
         assert {"type": "null"} in start[name]["anyOf"], name
         assert start[name]["description"], name
     assert tools["realtime_stop"]["properties"] == {}
@@ -417,5 +420,6 @@ async def test_errors_reach_clients_of_a_fastmcp_subclass_that_masks_details(
     assert "realtime_start" in result.text
     assert bad.text == f"{PORT_RULE} (got 99999)"
     assert (
-        unknown.text == "unknown argument 'prot' for realtime_start; accepted: host, port, interval"
+        unknown.text == "unknown argument 'prot' for realtime_start; "
+        "accepted: host, port, interval, redis_url"
     )

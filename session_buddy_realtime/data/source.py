@@ -56,6 +56,9 @@ class SourceState(StrEnum):
     """A read is taking longer than the tick allows (locked or slow database)."""
     WAITING = "waiting"
     """The database file does not exist (yet, or any more); it is read once it appears."""
+    UNAVAILABLE = "unavailable"
+    """An edge's feed is not reaching it (Redis unreachable, or no producer publishing);
+    the data is the last received."""
 
 
 @dataclass(slots=True)

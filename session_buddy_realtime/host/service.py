@@ -70,6 +70,7 @@ class RealtimeService:
         host: str | None = None,
         port: int | None = None,
         interval: float | None = None,
+        redis_url: str | None = None,
         *,
         port_attempts: int = 1,
     ) -> dict[str, Any]:
@@ -90,6 +91,8 @@ class RealtimeService:
             first = settings.port if port is None else port
             interval = settings.interval if interval is None else interval
             options = settings.server_options()
+            if redis_url is not None:
+                options["redis_url"] = redis_url
             self._requested_port, self._note, self._holder = first, None, None
             if first in self.host.host_ports:
                 message = (
@@ -212,7 +215,6 @@ class RealtimeService:
             note=self._note,
             port_holder=None if self._holder is None else self._holder.as_dict(),
             autostart=dict(self._autostart),
-            broker=None,
             plugin_errors=[
                 f"{failure.plugin} in {failure.hook}: {failure.error}"
                 for failure in self.host.plugin_errors

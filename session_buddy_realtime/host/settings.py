@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from session_buddy_realtime.errors import ConfigError
+from session_buddy_realtime.scaleout.link import check_prefix, check_redis_url
 
 __all__ = ["PREFIX", "RealtimeSettings", "load_settings"]
 
@@ -23,9 +24,6 @@ HOST_PATTERN: Final = re.compile(r"[A-Za-z0-9.:\[\]_-]+")
 """What a host name or address to listen on may contain (also enforced by the MCP tool)."""
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
-# Named in the design for features that are not in this version: refusing them is safer
-# than accepting a token (say) and then not enforcing it.
-_NOT_YET: Final = {"REDIS_URL": "Redis scale-out"}
 
 T = TypeVar("T")
 
@@ -58,6 +56,10 @@ class RealtimeSettings:
     """Open connections from one address at most (``_MAX_CONNECTIONS_PER_IP``)."""
     message_rate: float = 10.0
     """Client messages per second, on average (``_MESSAGE_RATE``)."""
+    redis_url: str | None = field(default=None, repr=False)
+    """Share the stream through Redis as a producer (``_REDIS_URL``); None for no Redis."""
+    redis_prefix: str = "session-buddy-realtime"
+    """The stream's name in Redis (``_REDIS_PREFIX``): one per database."""
 
     def server_options(self) -> dict[str, Any]:
         """The keyword arguments of ``RealTimeMetricsServer`` these settings give."""
@@ -69,6 +71,8 @@ class RealtimeSettings:
             "max_connections": self.max_connections,
             "max_connections_per_ip": self.max_connections_per_ip,
             "message_rate": self.message_rate,
+            "redis_url": self.redis_url,
+            "redis_prefix": self.redis_prefix,
         }
 
 
@@ -91,16 +95,13 @@ def load_settings(environ: Mapping[str, str]) -> RealtimeSettings:
         "MAX_CONNECTIONS",
         "MAX_CONNECTIONS_PER_IP",
         "MESSAGE_RATE",
+        "REDIS_URL",
+        "REDIS_PREFIX",
     }
     for key in sorted(environ):
         if not key.startswith(PREFIX):
             continue
         name = key.removeprefix(PREFIX)
-        if name in _NOT_YET:
-            raise ConfigError(
-                f"{key} is set, but {_NOT_YET[name]} is not supported by this version of "
-                f"session-buddy-realtime; unset it"
-            )
         if name not in known:
             raise ConfigError(
                 f"unknown setting {key}; known settings are "
@@ -129,6 +130,8 @@ def load_settings(environ: Mapping[str, str]) -> RealtimeSettings:
             environ, "MAX_CONNECTIONS_PER_IP", _bounded_int(1, 1_000_000), 1000
         ),
         message_rate=_read(environ, "MESSAGE_RATE", _rate, defaults.message_rate),
+        redis_url=_read(environ, "REDIS_URL", _redis_url, None, secret=True),
+        redis_prefix=_read(environ, "REDIS_PREFIX", _redis_prefix, defaults.redis_prefix),
     )
 
 
@@ -210,3 +213,17 @@ def _interval(text: str) -> float:
     if not math.isfinite(value) or not 0.05 <= value <= 3600:
         raise ValueError("expected seconds from 0.05 to 3600")
     return value
+
+
+def _redis_url(text: str) -> str:
+    try:
+        return check_redis_url(text, "the URL")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _redis_prefix(text: str) -> str:
+    try:
+        return check_prefix(text, "the prefix")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None

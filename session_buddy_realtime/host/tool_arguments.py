@@ -17,18 +17,22 @@ from typing import Annotated, Any, Final
 
 from pydantic import Field, TypeAdapter, WithJsonSchema
 
+from session_buddy_realtime.errors import ConfigError
 from session_buddy_realtime.host.settings import HOST_PATTERN
 from session_buddy_realtime.protocol import MAX_SKILL_NAME_LENGTH
+from session_buddy_realtime.scaleout.link import check_redis_url, redacted_url
 
 __all__ = [
     "ArgumentError",
     "HostName",
     "Interval",
     "Port",
+    "RedisUrl",
     "SkillName",
     "check_host",
     "check_interval",
     "check_port",
+    "check_redis",
     "check_skill",
     "not_applied",
     "unknown_arguments",
@@ -38,6 +42,7 @@ _PORTS: Final = (0, 65535)
 _INTERVALS: Final = (0.05, 3600)
 _HOST_LENGTHS: Final = (1, 253)
 _SHOWN_LENGTH: Final = 40
+_URL_LENGTH: Final = 2048
 _DIGITS: Final = re.compile(r"[0-9]{1,10}")
 
 _REPR: Final = reprlib.Repr()
@@ -149,8 +154,30 @@ def unknown_arguments(tool: str, arguments: Mapping[str, object], accepted: Sequ
     return f"unknown argument{plural} {names} for {tool}; {takes}"
 
 
+def check_redis(value: object) -> str | None:
+    """Return ``value`` if it is a Redis URL, or None; raise ``ArgumentError``.
+
+    The value is quoted with its password hidden."""
+    if value is None:
+        return None
+    if isinstance(value, str) and 0 < len(value) <= _URL_LENGTH:
+        try:
+            return check_redis_url(value)
+        except ConfigError as exc:
+            raise ArgumentError(str(exc)) from None
+    shown = _shown(redacted_url(value)) if isinstance(value, str) else _shown(value)
+    raise ArgumentError(
+        f"redis_url must be a redis://, rediss:// or unix:// URL of at most {_URL_LENGTH} "
+        f"characters, or null (got {shown})"
+    )
+
+
 def not_applied(
-    status: dict[str, Any], host: str | None, port: int | None, interval: float | None
+    status: dict[str, Any],
+    host: str | None,
+    port: int | None,
+    interval: float | None,
+    redis_url: str | None = None,
 ) -> str | None:
     """Name the values asked for that the running server does not have, and how to apply them."""
     if not status["running"]:
@@ -162,6 +189,9 @@ def not_applied(
         differing.append(f"port={port}")
     if interval is not None and not math.isclose(interval, status["update_interval"]):
         differing.append(f"interval={interval}")
+    running_redis = (status.get("redis") or {}).get("url")
+    if redis_url is not None and redacted_url(redis_url) != running_redis:
+        differing.append(f"redis_url={redacted_url(redis_url)}")
     if not differing:
         return None
     return (
@@ -201,6 +231,15 @@ Interval = Annotated[
     _published(
         Annotated[float | None, Field(ge=_INTERVALS[0], le=_INTERVALS[1])],
         "Seconds between updates, 0.05-3600 (default: SESSION_BUDDY_REALTIME_INTERVAL or 1.0).",
+    ),
+]
+RedisUrl = Annotated[
+    object,
+    _published(
+        Annotated[str | None, Field(min_length=1, max_length=_URL_LENGTH)],
+        "Publish the stream through Redis for edges, e.g. 'redis://localhost:6379/0' "
+        "('rediss://' for TLS, 'redis://user:password@host:port/0' for an ACL user); "
+        "default: SESSION_BUDDY_REALTIME_REDIS_URL, else no Redis.",
     ),
 ]
 SkillName = Annotated[

@@ -15,10 +15,9 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, Literal, Protocol, TypeVar, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, ConfigDict, Field
 
 from session_buddy_realtime.errors import RealtimeError
 from session_buddy_realtime.host.service import RealtimeService
@@ -27,13 +26,21 @@ from session_buddy_realtime.host.tool_arguments import (
     HostName,
     Interval,
     Port,
+    RedisUrl,
     SkillName,
     check_host,
     check_interval,
     check_port,
+    check_redis,
     check_skill,
     not_applied,
     unknown_arguments,
+)
+from session_buddy_realtime.host.tool_models import (
+    Anomaly,
+    RealtimeSnapshot,
+    RealtimeStatus,
+    SkillRow,
 )
 from session_buddy_realtime.protocol import ProtocolError
 
@@ -54,150 +61,6 @@ SNAPSHOT: Final = "realtime_snapshot"
 TOOL_NAMES: Final = (START, STOP, STATUS, SNAPSHOT)
 
 R = TypeVar("R")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ClientInfo(_Model):
-    """One connected WebSocket client."""
-
-    remote: str = Field(description="Client address and port.")
-    connected_for_seconds: float
-    subscription: str | None = Field(
-        description="'all', a skill name, or null if unsubscribed or not yet authenticated."
-    )
-    authenticated: bool = Field(description="True when the client presented a valid token.")
-    messages_sent: int
-    updates_dropped: int = Field(description="Updates skipped because the client was behind.")
-    congested: bool = Field(description="True while the client is not keeping up.")
-
-
-class DatabaseInfo(_Model):
-    """The skills database the server reads."""
-
-    path: str | None
-    shared_connection: bool = Field(description="True when reading the host's own connection.")
-    state: str | None = Field(
-        description="ok, waiting, missing_tables, error or busy; null when stopped."
-    )
-    message: str | None
-    queries: int
-    refreshes: int
-
-
-class AutostartInfo(_Model):
-    """What auto-start did when the host launched."""
-
-    enabled: bool | None
-    outcome: str
-
-
-class PortHolderInfo(_Model):
-    """What listens on the port that the last start found taken."""
-
-    port: int
-    kind: str = Field(
-        description="session-buddy-realtime (another instance of this plugin), session-buddy "
-        "(Session-Buddy's own realtime server), websocket (another WebSocket server) or other."
-    )
-    server_version: str | None = Field(description="The holder's version, when it says.")
-
-
-class RealtimeStatus(_Model):
-    """State of the realtime server of this host."""
-
-    running: bool
-    urls: list[str] = Field(description="WebSocket URLs dashboards connect to.")
-    host: str | None
-    port: int | None
-    requested_port: int | None = Field(description="The port asked for, before any fallback.")
-    note: str | None = Field(
-        description="For example which port was taken and by what, or which arguments of "
-        "realtime_start were not applied because the server was already running."
-    )
-    port_holder: PortHolderInfo | None = Field(
-        description="What holds the port that the last start found taken; null if none."
-    )
-    update_interval: float
-    started_at: str | None
-    uptime_seconds: float | None
-    client_count: int
-    clients: list[ClientInfo]
-    connections: int = Field(description="Open TCP connections, handshakes included.")
-    connections_total: int
-    ticks: int
-    idle_ticks: int = Field(description="Ticks with nobody subscribed (no database work).")
-    ticks_skipped: int = Field(description="Ticks missed because one ran over the interval.")
-    messages_sent: int
-    updates_dropped: int
-    clients_evicted: int
-    last_tick_at: str | None
-    last_tick_seconds: float | None
-    errors: int
-    last_error: str | None
-    database: DatabaseInfo
-    autostart: AutostartInfo
-    auth_enabled: bool = Field(description="True when clients must present a token.")
-    tls_enabled: bool = Field(description="True when serving wss:// (TLS).")
-    auth_failures: int = Field(description="Clients closed for a wrong or missing token.")
-    rate_limited: int = Field(description="Client messages refused by the rate limit.")
-    refused: dict[str, int] = Field(
-        description="Connections refused at the handshake, by reason (limits, Host, Origin, token)."
-    )
-    broker: str | None = Field(description="Scale-out broker state; null when not configured.")
-    plugin_errors: list[str] = Field(description="Plugins of this host that failed.")
-
-
-class SkillRow(_Model):
-    """One skill's metrics, as in skill_metrics."""
-
-    skill_name: str
-    total_invocations: int
-    completion_rate: float = Field(description="Percent of invocations that completed.")
-    avg_duration_seconds: float | None
-    completed_invocations: int
-    last_invoked: str | None
-
-
-class Anomaly(_Model):
-    """An anomaly from skill_anomalies ('table') or from live detection ('live')."""
-
-    skill_name: str
-    detected_at: str
-    anomaly_type: str
-    deviation_score: float | None
-    baseline_value: float | None
-    observed_value: float | None
-    metric: str | None = None
-    source: Literal["table", "live"]
-
-
-class MetricsData(_Model):
-    """Top skills (or the one skill asked for) and anomalies."""
-
-    top_skills: list[SkillRow]
-    anomalies: list[Anomaly]
-
-
-class SourceInfo(_Model):
-    """Health of the database reading."""
-
-    state: str
-    stale: bool
-    as_of: str | None
-    message: str | None
-
-
-class RealtimeSnapshot(_Model):
-    """The metrics_update a dashboard subscribed to the same skill would receive now."""
-
-    type: Literal["metrics_update"]
-    timestamp: str
-    skill: str | None
-    data: MetricsData
-    source: SourceInfo
 
 
 def _annotations(title: str, *, read_only: bool, idempotent: bool) -> ToolAnnotations:
@@ -347,15 +210,24 @@ def register_tools(mcp: ToolServer, service: RealtimeService) -> None:
     @tool(
         START,
         description="Start the realtime WebSocket server that streams live skill metrics to "
-        "dashboards, reading the host's skills database. Returns the status. When already "
+        "dashboards, reading the host's skills database (with redis_url it also publishes the "
+        "stream through Redis for edges). Returns the status. When already "
         "running, returns the running status; its note names any argument that differs from "
         "the running server's and was not applied (stop, then start, to apply it).",
         annotations=_annotations("Start realtime metrics", read_only=False, idempotent=True),
     )
     async def realtime_start(
-        host: HostName = None, port: Port = None, interval: Interval = None
+        host: HostName = None,
+        port: Port = None,
+        interval: Interval = None,
+        redis_url: RedisUrl = None,
     ) -> RealtimeStatus:
-        wanted = check_host(host), check_port(port), check_interval(interval)
+        wanted = (
+            check_host(host),
+            check_port(port),
+            check_interval(interval),
+            check_redis(redis_url),
+        )
         status = await service.start(*wanted)
         if note := not_applied(status, *wanted):
             status["note"] = note if status["note"] is None else f"{note}; {status['note']}"

@@ -23,11 +23,11 @@ from websockets.protocol import State
 
 from session_buddy_realtime.data.source import MetricsSnapshot, Source
 from session_buddy_realtime.protocol import (
-    CloseCode,
     encode,
     format_timestamp,
     subscription_confirmed_message,
 )
+from session_buddy_realtime.stream.closing import close_listener
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
 from session_buddy_realtime.stream.stats import StreamStats
 
@@ -74,6 +74,8 @@ class Hub(Generic[S]):
         max_buffered_bytes: A subscriber whose unsent data exceeds this skips updates.
         slow_client_timeout: Seconds a subscriber may keep skipping before it is closed.
         close_timeout: Seconds a closing handshake may take before the socket is dropped.
+        paced_by: Set by the source when it has a new state (an edge's feed): ticks then
+            follow it, one after each, and fall back to the interval when it goes quiet.
     """
 
     def __init__(
@@ -86,8 +88,10 @@ class Hub(Generic[S]):
         max_buffered_bytes: int,
         slow_client_timeout: float,
         close_timeout: float,
+        paced_by: asyncio.Event | None = None,
     ) -> None:
         self.source = source
+        self.paced_by = paced_by
         self.stats = stats
         self.interval = interval
         self.read_timeout = read_timeout
@@ -125,13 +129,7 @@ class Hub(Generic[S]):
 
     async def until_sessions(self, stopping: asyncio.Event) -> bool:
         """Wait until a session is added (True) or ``stopping`` is set (False)."""
-        arrived = asyncio.ensure_future(self._has_sessions.wait())
-        stopped = asyncio.ensure_future(stopping.wait())
-        try:
-            await asyncio.wait({arrived, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            arrived.cancel()
-            stopped.cancel()
+        await _first_of(self._has_sessions, stopping)
         return not stopping.is_set()
 
     # Subscriptions
@@ -207,6 +205,8 @@ class Hub(Generic[S]):
                     return
                 next_tick = loop.time()
             began = loop.time()
+            if self.paced_by is not None:
+                self.paced_by.clear()  # what arrives during the tick brings the next one
             try:
                 await self._tick()
             except Exception as exc:
@@ -217,16 +217,24 @@ class Hub(Generic[S]):
             self.stats.last_tick_at = format_timestamp()
             self.stats.last_tick_seconds = round(ended - began, 6)
             self.stats.tick_seconds.observe(ended - began)
+            if self.paced_by is not None:
+                await self._wait_paced(began, stopping)
+                continue
             next_tick += interval
             if next_tick <= ended:
                 missed = math.floor((ended - next_tick) / interval) + 1
                 self.stats.ticks_skipped += missed
                 next_tick += missed * interval
-            try:
-                async with asyncio.timeout_at(next_tick):
-                    await stopping.wait()
-            except TimeoutError:
-                pass
+            await _first_of(stopping, deadline=next_tick)
+
+    async def _wait_paced(self, began: float, stopping: asyncio.Event) -> None:
+        """Until the source's next state, but not before half an interval after the last
+        tick (a flood of states cannot speed the clients up) nor after 1.5 intervals (a
+        silent feed still gets its clients an update, flagged stale, at about the cadence)."""
+        assert self.paced_by is not None
+        await _first_of(self.paced_by, stopping, deadline=began + 1.5 * self.interval)
+        if not stopping.is_set():
+            await _first_of(stopping, deadline=began + self.interval / 2)
 
     async def _tick(self) -> None:
         groups: dict[str | None, list[S]] = {}
@@ -352,39 +360,37 @@ class Hub(Generic[S]):
             connection.transport.abort()
 
     async def close_all(self, listener: Server, registry: ConnectionRegistry) -> None:
-        """Stop the broadcaster and close every connection, within ``close_timeout``.
-
-        ``registry`` holds all the listener's open connections, handshakes included. Those
-        still in the handshake (TLS or WebSocket), and clients so far behind that a close
-        frame would wait behind their backlog, are dropped at once; the rest get 1001.
-        Whoever has not finished the closing handshake in ``close_timeout`` (a stuck client
-        cannot even receive the close frame) is dropped too. Every session is forgotten.
-        """
+        """Stop the broadcaster and close every connection (``close_listener``: 1001, or
+        dropped when they cannot take a close frame), within ``close_timeout``. Every
+        session is forgotten."""
         self._stopping.set()
         task, self._broadcaster = self._broadcaster, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        connections = registry.connections
-        for connection in list(connections):
-            if connection.state is State.CONNECTING:
-                connection.transport.abort()
-            elif connection.transport.get_write_buffer_size() > self.max_buffered_bytes:
-                drop(connection)  # reset: its backlog is discarded, not sent first
-        if registry.tls_handshakes:
-            await asyncio.gather(*registry.tls_handshakes, return_exceptions=True)
-        listener.close(close_connections=True, code=CloseCode.GOING_AWAY)
-        try:
-            async with asyncio.timeout(self.close_timeout):
-                await listener.wait_closed()
-        except TimeoutError:
-            for connection in list(connections):
-                connection.transport.abort()
-            await listener.wait_closed()
+        await close_listener(
+            listener,
+            registry,
+            max_buffered_bytes=self.max_buffered_bytes,
+            close_timeout=self.close_timeout,
+        )
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.sessions.clear()
         self._has_sessions.clear()
+
+
+async def _first_of(*events: asyncio.Event, deadline: float | None = None) -> None:
+    """Return once any of ``events`` is set, or at ``deadline`` (the loop's time)."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    except TimeoutError:
+        pass
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _text_frame(text: str) -> bytes:

@@ -50,6 +50,8 @@ _SECRET_PATTERNS: Final = (
     re.compile(r"([?&][^=&\s\"']*=)[^&\s\"']+"),
     re.compile(r"(?i)(authorization\s*:\s*)[^\r\n]+"),
     re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),
+    # The password of a Redis URL (redis://user:password@host).
+    re.compile(r"(?i)(rediss?://[^:@/\s]*:)[^@\s]+(?=@)"),
 )
 # A JSON member "key": "value..." whose key may be written with escapes (\u0074oken).
 _JSON_MEMBER: Final = re.compile(r'"((?:[^"\\]|\\.)*)"(\s*:\s*")((?:[^"\\]|\\.)*)')

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +22,9 @@ from session_buddy_realtime.data.detection import DetectionSettings
 from session_buddy_realtime.data.source import Source
 from session_buddy_realtime.errors import RealtimeError
 from session_buddy_realtime.protocol import format_timestamp, validate_skill_name
+from session_buddy_realtime.scaleout.link import DEFAULT_PREFIX, RedisTimings
+from session_buddy_realtime.scaleout.roles import ScaleOut
+from session_buddy_realtime.stream.arguments import check_arguments
 from session_buddy_realtime.stream.gate import (
     ConnectionRegistry,
     HandshakeGate,
@@ -94,6 +96,14 @@ class RealTimeMetricsServer:
         max_connections_per_ip: Open connections from one address at most.
         message_rate: Client messages per second allowed on average.
         message_burst: Client messages allowed in a burst.
+        redis_url: Share the stream through Redis (``redis://``, ``rediss://`` for TLS,
+            ``unix://``; a password or ACL user in the URL). With a database this server
+            is a producer: it publishes its state while it holds the stream's lease.
+        edge: Serve the stream of the producer behind ``redis_url`` instead of reading a
+            database (``db_path``, ``db``, ``detection`` and ``source`` unused).
+        redis_prefix: The stream's name in Redis: producers and edges of one database
+            share it; another database needs another prefix.
+        redis_timings: Lease, watch, staleness and reconnection timings.
     """
 
     def __init__(
@@ -127,31 +137,15 @@ class RealTimeMetricsServer:
         max_connections_per_ip: int = 1000,
         message_rate: float = 10.0,
         message_burst: int = 20,
+        # Scale-out
+        redis_url: str | None = None,
+        edge: bool = False,
+        redis_prefix: str = DEFAULT_PREFIX,
+        redis_timings: RedisTimings | None = None,
     ) -> None:
-        _require(isinstance(port, int) and 0 <= port <= 65535, "port", "an integer 0-65535")
-        _require(
-            update_interval > 0 and math.isfinite(update_interval),
-            "update_interval",
-            "a positive number of seconds",
-        )
-        _require(max_message_size >= 256, "max_message_size", "at least 256 bytes")
-        _require(max_buffered_bytes >= 1024, "max_buffered_bytes", "at least 1024 bytes")
-        _require(slow_client_timeout > 0, "slow_client_timeout", "positive")
-        _require(open_timeout > 0, "open_timeout", "positive")
-        _require(close_timeout > 0, "close_timeout", "positive")
-        _require(ping_interval is None or ping_interval > 0, "ping_interval", "positive or None")
-        _require(ping_timeout is None or ping_timeout > 0, "ping_timeout", "positive or None")
-        _require(token is None or len(token) >= 8, "token", "at least 8 characters")
-        _require(auth_timeout > 0, "auth_timeout", "positive")
-        _require(
-            ssl_keyfile is None or ssl_certfile is not None,
-            "ssl_keyfile",
-            "given together with ssl_certfile",
-        )
-        _require(max_connections is None or max_connections >= 1, "max_connections", ">= 1")
-        _require(max_connections_per_ip >= 1, "max_connections_per_ip", ">= 1")
-        _require(message_rate > 0 and math.isfinite(message_rate), "message_rate", "positive")
-        _require(message_burst >= 1, "message_burst", ">= 1")
+        check_arguments(locals())
+        self._scale = ScaleOut(redis_url, edge, redis_prefix, redis_timings, update_interval)
+        self.server_role = self._scale.role
         self.host = host
         self.port = port
         self.db_path = Path(db_path) if db_path is not None else DEFAULT_DB_PATH
@@ -172,22 +166,24 @@ class RealTimeMetricsServer:
             message_rate=message_rate,
             message_burst=message_burst,
             update_interval=self.update_interval,
+            server_role=self.server_role,
         )
         self._stats = StreamStats()
         self._source: Source = (
-            source
-            if source is not None
-            else DatabaseSource(self.db_path, db=db, detection=detection)
+            self._scale.feed or source or DatabaseSource(self.db_path, db=db, detection=detection)
         )
+        # How long a tick waits for a new read before sending the last good data.
+        read_timeout = 0.8 * self.update_interval
+        self._scale.publish(self._source, read_timeout)
         self._hub: Hub[ClientSession] = Hub(
             self._source,
             self._stats,
             interval=self.update_interval,
-            # How long a tick waits for a new read before sending the last good data.
-            read_timeout=0.8 * self.update_interval,
+            read_timeout=read_timeout,
             max_buffered_bytes=max_buffered_bytes,
             slow_client_timeout=slow_client_timeout,
             close_timeout=close_timeout,
+            paced_by=None if self._scale.feed is None else self._scale.feed.arrivals,
         )
         self._keepalive = (
             None
@@ -237,6 +233,11 @@ class RealTimeMetricsServer:
             if self._ssl_certfile is not None:
                 ssl_context = build_ssl_context(self._ssl_certfile, self._ssl_keyfile)
             await self._source.open()
+            try:
+                await self._scale.open()
+            except BaseException:
+                await self._source.close()
+                raise
             self._stats.reset()
             registry = ConnectionRegistry.for_limits(
                 self._max_connections,
@@ -284,6 +285,7 @@ class RealTimeMetricsServer:
             for sock in listener.sockets:
                 gate.allowed_origins |= own_origins(sock.getsockname()[1])
             self._hub.start()
+            self._scale.start()
             if self._keepalive is not None:
                 self._keepalive.start()
             logger.info("listening on %s", ", ".join(self.urls))
@@ -299,6 +301,7 @@ class RealTimeMetricsServer:
             running, self._running = self._running, None
             if running is None:
                 return
+            await self._scale.close()  # first: the lease goes to another producer at once
             if self._keepalive is not None:
                 await self._keepalive.stop()
             await self._hub.close_all(running.listener, running.registry)
@@ -391,9 +394,6 @@ class RealTimeMetricsServer:
             "auth_enabled": self._token is not None,
             "tls_enabled": self._ssl_certfile is not None,
             "database": self._source.describe(),
+            "server_role": self.server_role,
+            "redis": self._scale.status(),
         }
-
-
-def _require(condition: bool, setting: str, expected: str) -> None:
-    if not condition:
-        raise ValueError(f"invalid {setting}: must be {expected}")

@@ -56,6 +56,8 @@ class SessionPolicy:
     message_rate: float
     message_burst: int
     update_interval: float
+    server_role: str = "standalone"
+    """``standalone``, ``producer`` or ``edge``: said in ``connected``."""
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
     """Failed attempts per address, shared with the handshake's token check."""
 
@@ -122,6 +124,7 @@ class ClientSession(Subscriber):
                 timestamp=format_timestamp(),
                 server_version=__version__,
                 update_interval=self.policy.update_interval,
+                server_role=self.policy.server_role,
                 subscription="all" if self.subscribed else None,
                 authenticated=self.authenticated,
                 auth_required=self.policy.token is not None,

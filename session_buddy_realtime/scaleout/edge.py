@@ -1,0 +1,392 @@
+"""The edge's source: the producer's state, read from Redis, behind the ``Source`` seam.
+
+A ``RedisSource`` subscribes to the state channel and keeps the newest state it has
+accepted. Envelopes are accepted in (epoch, seq) order: a duplicate or a late one from an
+older epoch is dropped, a gap is counted and the last state re-read, garbage is counted
+and ignored. Each accepted envelope sets ``arrivals``, on which the edge's hub ticks, so
+its clients get each state one Redis hop after the producer's own clients.
+
+The skills its clients watch are announced in Redis (with an expiry) so the producer's
+states carry their rows; a skill not in the newest state yet (a new subscription) is
+asked of the producer directly. Redis down or the producer silent: clients stay
+connected and the state says ``unavailable``; the source reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Set
+from typing import TYPE_CHECKING, Any, Final
+
+from session_buddy_realtime.data.source import (
+    History,
+    HistoryWindow,
+    MetricsSnapshot,
+    SkillNames,
+    SourceState,
+)
+from session_buddy_realtime.errors import ConfigError, ServerStartError
+from session_buddy_realtime.scaleout import wire
+from session_buddy_realtime.scaleout.asking import Questions
+from session_buddy_realtime.scaleout.link import (
+    ANNOUNCE,
+    Backoff,
+    Keys,
+    RedisTimings,
+    connect,
+    describe_error,
+    new_identity,
+    redacted_url,
+    require_redis,
+    wait_or_stop,
+)
+from session_buddy_realtime.scaleout.received import Received
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["RedisSource"]
+
+logger = logging.getLogger(__name__)
+
+_ALL: Final = "all"
+
+
+class RedisSource:
+    """A ``Source`` fed by a producer through Redis.
+
+    Args:
+        url: The Redis URL.
+        keys: Where the stream lives in Redis.
+        interval: The edge's update interval (its producer's, normally).
+        timings: Watch, staleness and reconnection timings.
+    """
+
+    def __init__(self, url: str, *, keys: Keys, interval: float, timings: RedisTimings) -> None:
+        self.url = url
+        self.keys = keys
+        self.interval = interval
+        self.timings = timings
+        self.identity = new_identity("edge")
+        self.arrivals = asyncio.Event()
+        """Set on every accepted envelope: the edge's hub ticks on it."""
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._client: Redis | None = None
+        self._connected = False
+        self._down_since: float | None = None
+        self._received = Received()
+        self._questions = Questions(keys.requests, timings.reply_timeout)
+        self._watched: dict[str, float] = {}
+        """Skills (and ``all``) the hub asked for, and when it last did."""
+        self._announced: set[str] = set()
+        self._announce_now = asyncio.Event()
+        self._asked: dict[str, float] = {}
+        self._counts = {"invalid": 0, "reconnects": 0}
+        self._last_invalid: str | None = None
+        self._last_error: str | None = None
+        self._resync = False
+
+    # The Source seam
+
+    async def open(self) -> None:
+        """Start following Redis. A refused password fails the start; an unreachable
+        Redis does not (the stream says ``unavailable`` until it answers)."""
+        require_redis()
+        from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+        client = connect(self.url, name=self.identity)
+        try:
+            async with asyncio.timeout(5.0):
+                await client.ping()
+        except (AuthenticationError, ResponseError) as exc:
+            raise ServerStartError(
+                f"redis_url {redacted_url(self.url)}: {describe_error(exc)}"
+            ) from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._last_error = describe_error(exc)
+            logger.warning(
+                "Redis at %s is unreachable (%s); clients are told so until it answers",
+                redacted_url(self.url),
+                self._last_error,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"redis_url {redacted_url(self.url)}: {exc}") from None
+        finally:
+            await client.aclose()
+        self._stopping = asyncio.Event()
+        self._down_since = time.monotonic()
+        self._task = asyncio.create_task(self._run(), name="session-buddy-realtime edge feed")
+
+    async def close(self) -> None:
+        """Stop following Redis; harmless when not open."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._questions.fail_all()
+
+    async def read(self, skills: Set[str], within: float) -> MetricsSnapshot:
+        """The newest state, with ``skills``' rows; a skill not carried yet is asked of the
+        producer (waiting up to ``within`` the first time)."""
+        now = time.monotonic()
+        self._watched[_ALL] = now
+        for name in skills:
+            self._watched[name] = now
+        if not skills | {_ALL} <= self._announced:
+            self._announce_now.set()
+        missing = {n for n in skills if not self._received.has_row(n, now, self.interval)}
+        if missing and self._outage(now) is None:
+            fresh = {name for name in missing if now - self._asked.get(name, -1e9) > self.interval}
+            if fresh:
+                await self._fetch_rows(fresh, within)
+        return self._received.snapshot(skills, self._outage(time.monotonic()))
+
+    async def history(self, skill: str | None, window: HistoryWindow, within: float) -> History:
+        """The producer's history, asked for through Redis."""
+        request = wire.Request(
+            self._questions.new_id(), self.identity, "history", skill=skill,
+            bucket_seconds=window.bucket_seconds, buckets=window.buckets,
+        )  # fmt: skip
+        reply = await self._questions.ask(self._client, request, within)
+        if reply is not None:
+            try:
+                return wire.history_from_body(reply.body, window)
+            except wire.WireError as exc:
+                self._invalid(f"history reply: {exc}")
+        state, message = self._unanswered()
+        return History.empty(skill, window, window.start(time.time()), state, message)
+
+    async def skill_names(self, query: str, limit: int, within: float) -> SkillNames:
+        """The producer's skill names containing ``query``, asked for through Redis."""
+        ident = self._questions.new_id()
+        request = wire.Request(ident, self.identity, "skills", query=query, limit=limit)
+        reply = await self._questions.ask(self._client, request, within)
+        if reply is not None:
+            try:
+                return wire.names_from_body(reply.body, limit)
+            except wire.WireError as exc:
+                self._invalid(f"skills reply: {exc}")
+        state, message = self._unanswered()
+        return SkillNames(query, [], state, message, None)
+
+    def describe(self) -> dict[str, Any]:
+        """The feed's state in the shape of ``database`` in the status (no path, no queries)."""
+        feed = self.feed_status()
+        return {
+            "path": None,
+            "shared_connection": False,
+            "state": feed["state"],
+            "message": feed["message"],
+            "queries": 0,
+            "refreshes": 0,
+        }
+
+    def feed_status(self) -> dict[str, Any]:
+        """The ``redis`` object of the status: the feed, the producer, and what was dropped."""
+        now = time.monotonic()
+        received = self._received
+        outage = self._outage(now)
+        latest = received.latest
+        state, message = outage or (
+            (None, None) if latest is None else (latest.state, latest.message)
+        )
+        stamp = received.stamp
+        return {
+            "role": "edge",
+            "url": redacted_url(self.url),
+            "prefix": self.keys.prefix,
+            "identity": self.identity,
+            "connected": self._connected,
+            "state": None if state is None else state.value,
+            "message": message,
+            "producer": None if stamp is None else stamp.producer,
+            "epoch": None if stamp is None else stamp.epoch,
+            "seq": None if stamp is None else stamp.seq,
+            "producer_interval": received.interval,
+            "last_envelope_age_seconds": None
+            if received.heard_at is None
+            else round(now - received.heard_at, 3),
+            "watched_skills": len(self._watched) - (_ALL in self._watched),
+            **received.counts,
+            "invalid": self._counts["invalid"],
+            "reconnects": self._counts["reconnects"],
+            "requests_sent": self._questions.sent,
+            "requests_unanswered": self._questions.unanswered,
+            "last_invalid": self._last_invalid,
+            "last_error": self._last_error,
+        }
+
+    # Following Redis
+
+    async def _run(self) -> None:
+        from redis.exceptions import RedisError
+
+        backoff = Backoff(self.timings.reconnect_max)
+        while not self._stopping.is_set():
+            client = connect(self.url, name=self.identity)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.states, self.keys.replies(self.identity))
+                self._client, self._announced = client, set()
+                await self._accept_last(client)
+                if not self._connected:
+                    logger.info(
+                        "following %s on Redis %s", self.keys.states, redacted_url(self.url)
+                    )
+                self._connected, self._down_since = True, None
+                backoff.reset()
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._announce_loop(client))
+                    group.create_task(self._listen(client, pubsub))
+            except* (RedisError, OSError) as failure:
+                exc = failure.exceptions[0]
+                if self._connected or self._last_error is None:
+                    logger.warning(
+                        "Redis at %s: %s; clients are told so, retrying with backoff",
+                        redacted_url(self.url),
+                        describe_error(exc),
+                    )
+                self._last_error = describe_error(exc)
+                self._counts["reconnects"] += 1
+            except* Exception as failure:  # a fault of ours: logged, and the feed goes on
+                logger.error("edge feed failed; reconnecting", exc_info=failure.exceptions[0])
+                self._last_error = describe_error(failure.exceptions[0])
+                self._counts["reconnects"] += 1
+            finally:
+                if self._connected:
+                    self._down_since = time.monotonic()
+                self._connected, self._client = False, None
+                self._questions.fail_all()
+                self.arrivals.set()  # the clients hear of it at once, not at the next state
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()
+            if await wait_or_stop(self._stopping, backoff.next_delay()):
+                return
+
+    async def _listen(self, client: Redis, pubsub: Any) -> None:
+        replies = self.keys.replies(self.identity).encode()
+        stale_check = self.interval * self.timings.stale_after
+        while not self._stopping.is_set():
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=min(1.0, stale_check)
+            )
+            if message is not None and message.get("type") == "message":
+                if message["channel"] == replies:
+                    try:
+                        self._questions.answer(message["data"])
+                    except wire.WireError as exc:
+                        self._invalid(f"reply: {exc}")
+                else:
+                    self._take(message["data"])
+            elif self._quiet_for(time.monotonic()) > stale_check:
+                self.arrivals.set()  # gone quiet: the hub's fallback cadence says so anyway
+            if self._resync:
+                self._resync = False
+                await self._accept_last(client)
+
+    async def _accept_last(self, client: Redis) -> None:
+        raw = await client.get(self.keys.last)
+        if raw is not None:
+            self._take(raw, from_last=True)
+
+    def _take(self, raw: bytes | str, *, from_last: bool = False) -> None:
+        now = time.monotonic()
+        try:
+            published = wire.decode_published(raw)
+            resync = self._received.accept(
+                published,
+                now,
+                producer_gone=self._quiet_for(now) > self.interval * self.timings.stale_after,
+                from_last=from_last,
+            )
+        except wire.WireError as exc:
+            self._invalid(str(exc))
+            return
+        if resync is None:
+            return
+        self._resync = self._resync or resync
+        self.arrivals.set()
+
+    def _quiet_for(self, now: float) -> float:
+        heard = self._received.heard_at
+        return math.inf if heard is None else now - heard
+
+    def _invalid(self, reason: str) -> None:
+        self._counts["invalid"] += 1
+        if self._last_invalid is None:
+            logger.warning("ignored an envelope from Redis: %s", reason)
+        self._last_invalid = reason[:300]
+
+    # Watched skills
+
+    async def _announce_loop(self, client: Redis) -> None:
+        every = self.timings.watch_seconds / 3
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            for name, asked in list(self._watched.items()):
+                if now - asked > self.timings.watch_seconds:
+                    del self._watched[name]
+            if self._watched:
+                members = ["all" if n == _ALL else f"skill:{n}" for n in self._watched]
+                ttl = round(self.timings.watch_seconds * 1000)
+                await client.eval(ANNOUNCE, 1, self.keys.watch, ttl, *members)
+                self._announced = set(self._watched)
+            self._announce_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._announce_now.wait()
+
+    # Requests to the producer
+
+    async def _fetch_rows(self, skills: set[str], within: float) -> None:
+        now = time.monotonic()
+        for name in skills:
+            self._asked[name] = now
+        names = sorted(skills)
+        for start in range(0, len(names), wire.MAX_REQUEST_SKILLS):
+            batch = frozenset(names[start : start + wire.MAX_REQUEST_SKILLS])
+            request = wire.Request(self._questions.new_id(), self.identity, "read", skills=batch)
+            reply = await self._questions.ask(self._client, request, within)
+            if reply is None:
+                continue
+            try:
+                snapshot = wire.snapshot_from_body(reply.body)
+            except wire.WireError as exc:
+                self._invalid(f"read reply: {exc}")
+                continue
+            if snapshot.state is SourceState.OK:
+                self._received.keep_rows(snapshot, batch, time.monotonic())
+
+    # What clients are told
+
+    def _outage(self, now: float) -> tuple[SourceState, str] | None:
+        """``unavailable`` and why when the feed is not reaching this edge, else None."""
+        where = redacted_url(self.url)
+        if not self._connected:
+            since = "" if self._down_since is None else f" for {now - self._down_since:.0f} s"
+            error = f" ({self._last_error})" if self._last_error else ""
+            return SourceState.UNAVAILABLE, (
+                f"Redis at {where} is unreachable{since}{error}; showing the last data received"
+            )
+        quiet = self._quiet_for(now)
+        if quiet == math.inf:
+            return SourceState.UNAVAILABLE, f"no producer has published on {where} yet"
+        if quiet > self.interval * self.timings.stale_after:
+            return SourceState.UNAVAILABLE, (
+                f"no producer has published on {where} for {quiet:.0f} s; "
+                f"showing the last data received"
+            )
+        return None
+
+    def _unanswered(self) -> tuple[SourceState, str]:
+        return self._outage(time.monotonic()) or (
+            SourceState.UNAVAILABLE,
+            "the producer did not answer in time",
+        )

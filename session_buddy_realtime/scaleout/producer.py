@@ -1,0 +1,358 @@
+"""The producer: a server's state published through Redis, by one lease holder at a time.
+
+Beside the server's own clients, a ``Publisher`` takes (or renews) the lease every
+``renew_every`` seconds. While it holds it, each tick it reads the watched skills that
+edges announced, reads the source once for them, and publishes a ``state`` envelope when
+that differs from the last one, else a ``heartbeat``. No edge watching means no read of
+the database at all: the heartbeat alone goes out. It also answers edges' requests
+(a new subscription's row, a history, a skill search) while it holds the lease.
+Several producers on one database are common (a host process per client): the others
+wait, trying the lease, and the first to find it expired takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from session_buddy_realtime.data.source import Source
+from session_buddy_realtime.errors import ConfigError, ServerStartError
+from session_buddy_realtime.scaleout import wire
+from session_buddy_realtime.scaleout.link import (
+    CLAIM_LEASE,
+    PUBLISH_HELD,
+    RELEASE_LEASE,
+    WATCHED,
+    Backoff,
+    Keys,
+    RedisTimings,
+    as_text,
+    connect,
+    describe_error,
+    new_identity,
+    redacted_url,
+    require_redis,
+    wait_or_stop,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["Publisher"]
+
+logger = logging.getLogger(__name__)
+
+LAST_KEPT_SECONDS: Final = 3600
+"""How long the last state stays readable for edges that connect later."""
+MAX_CONCURRENT_REQUESTS: Final = 16
+
+
+class Publisher:
+    """Publishes ``source``'s state to ``url`` under the stream's lease.
+
+    Args:
+        source: The server's source (the database one), shared with its hub.
+        url: The Redis URL.
+        keys: Where the stream lives in Redis.
+        interval: Seconds between publications (the server's update interval).
+        read_timeout: How long a publication waits for the source.
+        timings: Lease, watch and reconnection timings.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        url: str,
+        *,
+        keys: Keys,
+        interval: float,
+        read_timeout: float,
+        timings: RedisTimings,
+    ) -> None:
+        self.source = source
+        self.url = url
+        self.keys = keys
+        self.interval = interval
+        self.read_timeout = read_timeout
+        self.timings = timings
+        self.identity = new_identity("producer")
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+        self._connected = False
+        self._held_epoch: int | None = None
+        self._holder: str | None = None
+        self._seq = 0
+        self._last_body: bytes | None = None
+        self._watched = 0
+        self._counts = {
+            "states_published": 0,
+            "heartbeats_published": 0,
+            "requests_answered": 0,
+            "requests_refused": 0,
+            "invalid_requests": 0,
+            "reconnects": 0,
+        }
+        self._last_error: str | None = None
+
+    async def open(self) -> None:
+        """Check the URL once: a refused password fails the start; an unreachable Redis
+        does not (the publisher keeps trying, and the server serves its own clients)."""
+        require_redis()
+        from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+        client = connect(self.url, name=self.identity)
+        try:
+            async with asyncio.timeout(5.0):
+                await client.ping()
+        except (AuthenticationError, ResponseError) as exc:
+            raise ServerStartError(
+                f"redis_url {redacted_url(self.url)}: {describe_error(exc)}"
+            ) from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._last_error = describe_error(exc)
+            logger.warning(
+                "Redis at %s is unreachable (%s); serving local clients and retrying",
+                redacted_url(self.url),
+                self._last_error,
+            )
+        except ValueError as exc:  # what the client makes of a URL it cannot use
+            raise ConfigError(f"redis_url {redacted_url(self.url)}: {exc}") from None
+        finally:
+            await client.aclose()
+
+    def start(self) -> None:
+        """Start publishing in the background."""
+        self._stopping = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="session-buddy-realtime publisher")
+
+    async def close(self) -> None:
+        """Stop publishing and hand the lease over at once (released, not left to expire)."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def describe(self) -> dict[str, Any]:
+        """The ``redis`` object of the status."""
+        return {
+            "role": "producer",
+            "url": redacted_url(self.url),
+            "prefix": self.keys.prefix,
+            "identity": self.identity,
+            "connected": self._connected,
+            "lease": {
+                "held": self._held_epoch is not None,
+                "holder": self.identity if self._held_epoch is not None else self._holder,
+                "epoch": self._held_epoch,
+            },
+            "watched_skills": self._watched,
+            "seq": self._seq,
+            **self._counts,
+            "last_error": self._last_error,
+        }
+
+    # The loop
+
+    async def _run(self) -> None:
+        from redis.exceptions import RedisError
+
+        backoff = Backoff(self.timings.reconnect_max)
+        while not self._stopping.is_set():
+            client = connect(self.url, name=self.identity)
+            try:
+                await client.ping()
+                if not self._connected and self._counts["reconnects"]:
+                    logger.info("Redis at %s reachable again", redacted_url(self.url))
+                self._connected = True
+                backoff.reset()
+                await self._serve(client)
+            except* (RedisError, OSError) as failure:
+                exc = failure.exceptions[0]
+                if self._connected or self._last_error is None:
+                    logger.warning(
+                        "Redis at %s: %s; retrying with backoff",
+                        redacted_url(self.url),
+                        describe_error(exc),
+                    )
+                self._last_error = describe_error(exc)
+                self._counts["reconnects"] += 1
+            except* Exception as failure:  # a fault of ours: logged, and publishing goes on
+                logger.error("publisher failed; reconnecting", exc_info=failure.exceptions[0])
+                self._last_error = describe_error(failure.exceptions[0])
+                self._counts["reconnects"] += 1
+            finally:
+                self._connected = False
+                self._held_epoch = None
+                await self._release(client)
+                await self._drain_requests()
+                await client.aclose()
+            if await wait_or_stop(self._stopping, backoff.next_delay()):
+                return
+
+    async def _serve(self, client: Redis) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._answer_requests(client))
+            group.create_task(self._publish_loop(client))
+
+    async def _publish_loop(self, client: Redis) -> None:
+        loop = asyncio.get_running_loop()
+        claim = client.register_script(CLAIM_LEASE)
+        step = min(self.interval, self.timings.renew_every)
+        next_claim = next_publish = loop.time()
+        while not self._stopping.is_set():
+            now = loop.time()
+            if now >= next_claim:
+                await self._claim(claim)
+                next_claim = now + self.timings.renew_every
+            if self._held_epoch is not None and now >= next_publish:
+                await self._publish(client)
+                next_publish += self.interval
+                if next_publish <= loop.time():  # overran: skip the missed slots
+                    next_publish = loop.time() + self.interval
+            wake = min(next_claim, next_publish if self._held_epoch is not None else next_claim)
+            if await wait_or_stop(self._stopping, max(0.0, min(step, wake - loop.time()))):
+                return
+
+    async def _claim(self, claim: Any) -> None:
+        ttl = round(self.timings.lease_seconds * 1000)
+        held, value = await claim(
+            keys=[self.keys.lease, self.keys.epoch], args=[self.identity, ttl]
+        )
+        if held:
+            epoch = int(value)
+            if self._held_epoch != epoch:
+                logger.info("publishing to Redis as %s (epoch %d)", self.identity, epoch)
+                self._seq, self._last_body = 0, None
+            self._held_epoch, self._holder = epoch, self.identity
+        else:
+            if self._held_epoch is not None:
+                logger.warning("lost the Redis lease to %s", as_text(value))
+            self._held_epoch, self._holder = None, as_text(value)
+
+    async def _publish(self, client: Redis) -> None:
+        epoch = self._held_epoch
+        assert epoch is not None
+        members = [
+            as_text(m) for m in await client.eval(WATCHED, 1, self.keys.watch, wire.MAX_WATCHED)
+        ]
+        skills = {m.removeprefix("skill:") for m in members if m.startswith("skill:")}
+        skills = {name for name in skills if _valid_skill(name)}
+        self._watched = len(skills)
+        envelope: bytes | None = None
+        body: bytes | None = None
+        self._seq += 1
+        stamp = wire.Stamp(epoch, self._seq, self.identity)
+        if members:
+            # Somebody watches: read (the source re-queries only when the data changed).
+            snapshot = await self.source.read(skills, self.read_timeout)
+            body = wire.encode_body(wire.state_body(snapshot, skills))
+            if body != self._last_body:
+                envelope = wire.encode_state(body, stamp, self.interval, time.time())
+        if envelope is None:
+            envelope, keep = wire.encode_heartbeat(stamp, self.interval, time.time()), "0"
+        else:
+            keep = "1"
+        published = await client.eval(
+            PUBLISH_HELD,
+            2,
+            self.keys.lease,
+            self.keys.last,
+            self.identity,
+            envelope,
+            keep,
+            LAST_KEPT_SECONDS,
+            self.keys.states,
+        )
+        if published == -1:
+            self._held_epoch = None
+            logger.warning("the Redis lease expired before a publication; not published")
+            return
+        if keep == "1":
+            self._last_body = body
+            self._counts["states_published"] += 1
+        else:
+            self._counts["heartbeats_published"] += 1
+
+    # Requests from edges
+
+    async def _answer_requests(self, client: Redis) -> None:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.requests)
+            while not self._stopping.is_set():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None or message.get("type") != "message":
+                    continue
+                self._take_request(client, message["data"])
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _take_request(self, client: Redis, raw: bytes) -> None:
+        if self._held_epoch is None:
+            return  # the holder answers; others stay quiet
+        try:
+            request = wire.decode_request(raw)
+        except wire.WireError as exc:
+            self._counts["invalid_requests"] += 1
+            logger.debug("ignored a request from Redis: %s", exc)
+            return
+        if len(self._requests) >= MAX_CONCURRENT_REQUESTS:
+            self._counts["requests_refused"] += 1
+            return
+        task = asyncio.create_task(self._answer(client, request))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def _answer(self, client: Redis, request: wire.Request) -> None:
+        from redis.exceptions import RedisError
+
+        epoch = self._held_epoch
+        if epoch is None:
+            return
+        within = self.timings.reply_timeout * 0.8
+        body: dict[str, Any]
+        if request.op == "read":
+            snapshot = await self.source.read(request.skills, min(within, self.read_timeout))
+            body = wire.state_body(snapshot, request.skills)
+        elif request.op == "history":
+            body = wire.history_body(
+                await self.source.history(request.skill, request.window, within)
+            )
+        else:
+            names = await self.source.skill_names(request.query, request.limit, within)
+            body = wire.names_body(names)
+        reply = wire.encode_reply(
+            request.id, wire.Stamp(epoch, self._seq or 1, self.identity), body
+        )
+        try:
+            await client.publish(self.keys.replies(request.edge), reply)
+        except (RedisError, OSError):
+            return  # the connection's loop notices and reconnects
+        self._counts["requests_answered"] += 1
+
+    async def _drain_requests(self) -> None:
+        for task in list(self._requests):
+            task.cancel()
+        if self._requests:
+            await asyncio.gather(*self._requests, return_exceptions=True)
+
+    async def _release(self, client: Redis) -> None:
+        if not self._stopping.is_set():
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await client.eval(RELEASE_LEASE, 1, self.keys.lease, self.identity)
+
+
+def _valid_skill(name: str) -> bool:
+    try:
+        wire.skill_set([name])
+    except wire.WireError:
+        return False
+    return True
