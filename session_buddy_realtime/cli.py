@@ -19,7 +19,7 @@ from session_buddy_realtime.errors import ConfigError, RealtimeError
 from session_buddy_realtime.host import launcher
 from session_buddy_realtime.host.settings import load_settings
 from session_buddy_realtime.host.stdio import run_stdio
-from session_buddy_realtime.scaleout.link import redacted_url
+from session_buddy_realtime.scaleout.link import check_prefix, check_redis_url, redacted_url
 from session_buddy_realtime.stream.security import RedactSecrets, redact
 from session_buddy_realtime.stream.server import DEFAULT_DB_PATH, RealTimeMetricsServer
 from session_buddy_realtime.watch import DEFAULT_URL, watch
@@ -239,6 +239,10 @@ async def _serve(args: argparse.Namespace) -> int:
         options.update({key: value for key, value in overrides.items() if value is not None})
         if edge and options["redis_url"] is None:
             raise ConfigError("edge needs --redis URL (or SESSION_BUDDY_REALTIME_REDIS_URL)")
+        if args.redis is not None:
+            check_redis_url(args.redis, "--redis")
+        if args.redis_prefix is not None:
+            check_prefix(args.redis_prefix, "--redis-prefix")
         server = RealTimeMetricsServer(
             host=args.host or settings.host,
             port=settings.port if args.port is None else args.port,

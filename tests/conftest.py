@@ -215,6 +215,17 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 60 * UNIT) 
             await asyncio.sleep(UNIT / 5)
 
 
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real ``redis-server`` on a free loopback port (``tests/redis_support.py``)."""
+    from tests.redis_support import HAVE_REDIS, running_redis
+
+    if not HAVE_REDIS:
+        pytest.skip("needs redis-server (Debian package redis-server)")
+    with running_redis(tmp_path) as server:
+        yield server
+
+
 SESSION_BUDDY_PYTHON = (3, 13)
 """Session-Buddy 0.23 installs on this Python and later only."""
 NEEDS_SESSION_BUDDY = "needs Session-Buddy"

@@ -15,7 +15,7 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from session_buddy_realtime.errors import ConfigError
 
@@ -41,6 +41,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX: Final = "session-buddy-realtime"
 _PREFIX: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _SCHEMES: Final = ("redis", "rediss", "unix")
+_QUERY_OPTIONS: Final = frozenset(
+    {
+        "db",
+        "protocol",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +206,12 @@ def check_redis_url(url: str, setting: str = "redis_url") -> str:
         raise ConfigError(f"{setting} names no host: {redacted_url(url)!r}")
     if port == 0:
         raise ConfigError(f"{setting} has port 0: {redacted_url(url)!r}")
+    unknown = {name for name, _ in parse_qsl(parts.query)} - _QUERY_OPTIONS
+    if unknown:
+        raise ConfigError(
+            f"{setting} has options this package does not pass on: {', '.join(sorted(unknown))}"
+            f" (known: {', '.join(sorted(_QUERY_OPTIONS))})"
+        )
     return url
 
 
