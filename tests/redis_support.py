@@ -93,7 +93,9 @@ class RedisProcess:
             command += ["--requirepass", self.password]
         if self.acl_user is not None:
             name, secret = self.acl_user
-            command += ["--user", "default off", "--user", f"{name} on >{secret} ~* &* +@all"]
+            # Each word its own argument: redis-server joins them into one config line.
+            command += ["--user", "default", "off"]
+            command += ["--user", name, "on", f">{secret}", "~*", "&*", "+@all"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_listening()
 
@@ -104,8 +106,9 @@ class RedisProcess:
             if self.process.poll() is not None:
                 _, err = self.process.communicate()
                 raise RuntimeError(f"redis-server exited: {err.decode(errors='replace')}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.02)

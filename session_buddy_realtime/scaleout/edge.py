@@ -29,7 +29,6 @@ from session_buddy_realtime.data.source import (
     SkillNames,
     SourceState,
 )
-from session_buddy_realtime.errors import ConfigError, ServerStartError
 from session_buddy_realtime.scaleout import wire
 from session_buddy_realtime.scaleout.asking import Questions
 from session_buddy_realtime.scaleout.link import (
@@ -39,9 +38,9 @@ from session_buddy_realtime.scaleout.link import (
     RedisTimings,
     connect,
     describe_error,
+    first_contact,
     new_identity,
     redacted_url,
-    require_redis,
     wait_or_stop,
 )
 from session_buddy_realtime.scaleout.received import Received
@@ -54,6 +53,7 @@ __all__ = ["RedisSource"]
 logger = logging.getLogger(__name__)
 
 _ALL: Final = "all"
+_FIRST_CONNECT_WAIT: Final = 3.0
 
 
 class RedisSource:
@@ -87,6 +87,8 @@ class RedisSource:
         self._announce_now = asyncio.Event()
         self._asked: dict[str, float] = {}
         self._counts = {"invalid": 0, "reconnects": 0}
+        self._tried = asyncio.Event()
+        """Set once the first connection attempt has succeeded or failed."""
         self._last_invalid: str | None = None
         self._last_error: str | None = None
         self._resync = False
@@ -96,31 +98,20 @@ class RedisSource:
     async def open(self) -> None:
         """Start following Redis. A refused password fails the start; an unreachable
         Redis does not (the stream says ``unavailable`` until it answers)."""
-        require_redis()
-        from redis.exceptions import AuthenticationError, RedisError, ResponseError
-
-        client = connect(self.url, name=self.identity)
-        try:
-            async with asyncio.timeout(5.0):
-                await client.ping()
-        except (AuthenticationError, ResponseError) as exc:
-            raise ServerStartError(
-                f"redis_url {redacted_url(self.url)}: {describe_error(exc)}"
-            ) from None
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._last_error = describe_error(exc)
+        self._last_error = await first_contact(self.url, name=self.identity)
+        if self._last_error is not None:
             logger.warning(
                 "Redis at %s is unreachable (%s); clients are told so until it answers",
                 redacted_url(self.url),
                 self._last_error,
             )
-        except ValueError as exc:
-            raise ConfigError(f"redis_url {redacted_url(self.url)}: {exc}") from None
-        finally:
-            await client.aclose()
         self._stopping = asyncio.Event()
         self._down_since = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="session-buddy-realtime edge feed")
+        # The first clients get the last state, not "connecting", when Redis answers.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_FIRST_CONNECT_WAIT):
+                await self._tried.wait()
 
     async def close(self) -> None:
         """Stop following Redis; harmless when not open."""
@@ -141,10 +132,12 @@ class RedisSource:
         if not skills | {_ALL} <= self._announced:
             self._announce_now.set()
         missing = {n for n in skills if not self._received.has_row(n, now, self.interval)}
+        if self._received.latest is None:
+            missing.add(_ALL)  # no state yet: the first clients need not wait for one
         if missing and self._outage(now) is None:
             fresh = {name for name in missing if now - self._asked.get(name, -1e9) > self.interval}
             if fresh:
-                await self._fetch_rows(fresh, within)
+                await self._fetch_rows(fresh - {_ALL}, within)
         return self._received.snapshot(skills, self._outage(time.monotonic()))
 
     async def history(self, skill: str | None, window: HistoryWindow, within: float) -> History:
@@ -240,6 +233,7 @@ class RedisSource:
                         "following %s on Redis %s", self.keys.states, redacted_url(self.url)
                     )
                 self._connected, self._down_since = True, None
+                self._tried.set()
                 backoff.reset()
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._announce_loop(client))
@@ -263,6 +257,7 @@ class RedisSource:
                     self._down_since = time.monotonic()
                 self._connected, self._client = False, None
                 self._questions.fail_all()
+                self._tried.set()
                 self.arrivals.set()  # the clients hear of it at once, not at the next state
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -347,10 +342,10 @@ class RedisSource:
 
     async def _fetch_rows(self, skills: set[str], within: float) -> None:
         now = time.monotonic()
-        for name in skills:
+        for name in skills or {_ALL}:
             self._asked[name] = now
         names = sorted(skills)
-        for start in range(0, len(names), wire.MAX_REQUEST_SKILLS):
+        for start in range(0, max(1, len(names)), wire.MAX_REQUEST_SKILLS):
             batch = frozenset(names[start : start + wire.MAX_REQUEST_SKILLS])
             request = wire.Request(self._questions.new_id(), self.identity, "read", skills=batch)
             reply = await self._questions.ask(self._client, request, within)
@@ -369,6 +364,8 @@ class RedisSource:
     def _outage(self, now: float) -> tuple[SourceState, str] | None:
         """``unavailable`` and why when the feed is not reaching this edge, else None."""
         where = redacted_url(self.url)
+        if not self._connected and not self._tried.is_set():
+            return SourceState.UNAVAILABLE, f"connecting to Redis at {where}"
         if not self._connected:
             since = "" if self._down_since is None else f" for {now - self._down_since:.0f} s"
             error = f" ({self._last_error})" if self._last_error else ""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
-from session_buddy_realtime.errors import ConfigError
+from session_buddy_realtime.errors import ConfigError, ServerStartError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -31,6 +31,7 @@ __all__ = [
     "check_redis_url",
     "connect",
     "describe_error",
+    "first_contact",
     "new_identity",
     "redacted_url",
     "require_redis",
@@ -247,6 +248,31 @@ def require_redis() -> None:
             "a Redis URL is set, but the redis package is not installed; install "
             "session-buddy-realtime[redis]"
         ) from None
+
+
+async def first_contact(url: str, *, name: str) -> str | None:
+    """Ping ``url`` once: None when it answers, the error when it is unreachable.
+
+    Raises:
+        ServerStartError: Redis refused the credentials (a setting to fix, not an outage).
+        ConfigError: the client cannot use the URL.
+    """
+    require_redis()
+    from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+    client = connect(url, name=name)
+    try:
+        async with asyncio.timeout(5.0):
+            await client.ping()
+    except (AuthenticationError, ResponseError) as exc:
+        raise ServerStartError(f"redis_url {redacted_url(url)}: {describe_error(exc)}") from None
+    except (RedisError, OSError, TimeoutError) as exc:
+        return describe_error(exc)
+    except ValueError as exc:  # what the client makes of a URL it cannot use
+        raise ConfigError(f"redis_url {redacted_url(url)}: {exc}") from None
+    finally:
+        await client.aclose()
+    return None
 
 
 def connect(url: str, *, name: str) -> Redis:

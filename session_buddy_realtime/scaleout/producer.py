@@ -19,7 +19,6 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from session_buddy_realtime.data.source import Source
-from session_buddy_realtime.errors import ConfigError, ServerStartError
 from session_buddy_realtime.scaleout import wire
 from session_buddy_realtime.scaleout.link import (
     CLAIM_LEASE,
@@ -32,9 +31,9 @@ from session_buddy_realtime.scaleout.link import (
     as_text,
     connect,
     describe_error,
+    first_contact,
     new_identity,
     redacted_url,
-    require_redis,
     wait_or_stop,
 )
 
@@ -101,28 +100,13 @@ class Publisher:
     async def open(self) -> None:
         """Check the URL once: a refused password fails the start; an unreachable Redis
         does not (the publisher keeps trying, and the server serves its own clients)."""
-        require_redis()
-        from redis.exceptions import AuthenticationError, RedisError, ResponseError
-
-        client = connect(self.url, name=self.identity)
-        try:
-            async with asyncio.timeout(5.0):
-                await client.ping()
-        except (AuthenticationError, ResponseError) as exc:
-            raise ServerStartError(
-                f"redis_url {redacted_url(self.url)}: {describe_error(exc)}"
-            ) from None
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._last_error = describe_error(exc)
+        self._last_error = await first_contact(self.url, name=self.identity)
+        if self._last_error is not None:
             logger.warning(
                 "Redis at %s is unreachable (%s); serving local clients and retrying",
                 redacted_url(self.url),
                 self._last_error,
             )
-        except ValueError as exc:  # what the client makes of a URL it cannot use
-            raise ConfigError(f"redis_url {redacted_url(self.url)}: {exc}") from None
-        finally:
-            await client.aclose()
 
     def start(self) -> None:
         """Start publishing in the background."""

@@ -70,7 +70,13 @@ class Received:
         return resync
 
     def keep_rows(self, reply: MetricsSnapshot, skills: Set[str], now: float) -> None:
-        """Keep the rows of ``skills`` from a ``read`` reply until a state carries them."""
+        """Keep the rows of ``skills`` from a ``read`` reply until a state carries them.
+
+        Before any state, the reply (a whole state of the producer's) serves as the newest.
+        """
+        if self.latest is None:
+            self.latest = reply
+            return
         for name in skills:
             if name in reply.skills:
                 anomalies = [a for a in reply.anomalies if a["skill_name"] == name]
@@ -103,6 +109,8 @@ class Received:
             else:
                 unknown = True
         state, message = outage or (latest.state, latest.message)
+        if self.latest is None and outage is None:
+            state, message = SourceState.UNAVAILABLE, "waiting for the producer's first state"
         if unknown and state is SourceState.OK:
             state, message = SourceState.UNAVAILABLE, "the producer did not answer in time"
         return MetricsSnapshot(latest.top_skills, rows, anomalies, state, message, latest.as_of)
