@@ -394,8 +394,8 @@ async def test_a_flood_of_envelopes_cannot_speed_an_edge_up(
 async def test_password_protected_redis(
     tmp_path: Path, ranked_db: SkillsDB, open_client: ClientFactory
 ) -> None:
-    """An ACL user's URL works for producer and edge; a wrong password fails the start
-    naming redis_url, without the password."""
+    """An ACL user with only the documented rules works for producer and edge; a wrong
+    password fails the start naming redis_url, without the password."""
     pytest.importorskip("redis")
     with running_redis(tmp_path, acl_user=("realtime", "s3cret-pass")) as redis_server:
         producer = RealTimeMetricsServer(
@@ -408,8 +408,17 @@ async def test_password_protected_redis(
         )  # fmt: skip
         async with producer, edge:
             client = await open_client(url_of(edge))
-            update = await update_where(client, lambda u: u["source"]["state"] == "ok")
-            assert update["data"]["top_skills"][0]["skill_name"] == "skill-01"
+            await client.send_json({"type": "subscribe", "skill": "skill-12"})
+            update = await update_where(
+                client, lambda u: u["skill"] == "skill-12" and u["source"]["state"] == "ok"
+            )
+            assert update["data"]["top_skills"][0]["total_invocations"] == 18
+            await wait_until(lambda: producer.status()["redis"]["watched_skills"] == 1)
+            await wait_until(lambda: producer.status()["redis"]["states_published"] >= 1)
+            # The ACL user has only the rules docs/scaling.md lists: nothing was refused.
+            for server in (producer, edge):
+                assert server.status()["redis"]["reconnects"] == 0
+                assert server.status()["redis"]["last_error"] is None
             assert "s3cret-pass" not in json.dumps(edge.status())
         wrong = redis_server.url.replace("s3cret-pass", "wrong-pass")
         for server in (
