@@ -518,3 +518,29 @@ def test_bad_redis_settings_fail_at_construction() -> None:
         RealTimeMetricsServer(port=0, redis_url="redis://localhost", redis_prefix="a b")
     with pytest.raises(ValueError, match="edge"):
         RealTimeMetricsServer(port=0, edge=True)
+
+
+async def test_a_producer_reconnecting_within_its_lease_goes_on_numbering(
+    start: Start, ranked_db: SkillsDB, redis_server: RedisProcess, open_client: ClientFactory
+) -> None:
+    """A producer whose Redis connections are killed keeps its lease if it is back in time:
+    same epoch, the sequence goes on (nothing dropped as a duplicate), and a write made
+    meanwhile reaches the edge's client."""
+    producer = await start()
+    edge = await start(edge=True)
+    client = await open_client(url_of(edge))
+    await update_where(client, lambda u: u["source"]["state"] == "ok")
+    epoch = edge.status()["redis"]["epoch"]
+    redis = redis_server.cli()
+    # Every connection but this one: the producer's and the edge's.
+    killed = redis.execute_command("CLIENT", "KILL", "USER", "default", "SKIPME", "yes")  # type: ignore[attr-defined]
+    assert killed >= 2
+    ranked_db.record("skill-11", count=80)
+    fresh = await update_where(
+        client, lambda u: u["data"]["top_skills"][0]["skill_name"] == "skill-11", 200 * UNIT
+    )
+    assert fresh["source"]["state"] == "ok"
+    status = edge.status()["redis"]
+    assert status["epoch"] == epoch
+    assert status["duplicates"] == 0
+    assert producer.status()["redis"]["reconnects"] >= 1

@@ -83,6 +83,7 @@ class Publisher:
         self._requests: set[asyncio.Task[None]] = set()
         self._connected = False
         self._held_epoch: int | None = None
+        self._epoch: int | None = None
         self._holder: str | None = None
         self._seq = 0
         self._last_body: bytes | None = None
@@ -209,9 +210,13 @@ class Publisher:
         )
         if held:
             epoch = int(value)
-            if self._held_epoch != epoch:
+            if self._held_epoch is None:
                 logger.info("publishing to Redis as %s (epoch %d)", self.identity, epoch)
-                self._seq, self._last_body = 0, None
+                self._last_body = None  # publish a whole state first, whatever came before
+            if epoch != self._epoch:
+                # The sequence restarts only with a new epoch: a lease kept across a lost
+                # connection goes on numbering, or edges would drop what follows as old.
+                self._epoch, self._seq = epoch, 0
             self._held_epoch, self._holder = epoch, self.identity
         else:
             if self._held_epoch is not None:
