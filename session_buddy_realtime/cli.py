@@ -257,7 +257,10 @@ async def _serve(args: argparse.Namespace) -> int:
             writer = DemoWriter(db_path)
         await server.start()
     except (RealtimeError, ValueError, OSError) as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        message = redact(str(exc))
+        if args.redis is not None and message.startswith("redis_url "):
+            message = "--redis " + message.removeprefix("redis_url ")  # name the flag used
+        print(f"error: {message}", file=sys.stderr)
         return 1
 
     stop = asyncio.Event()
