@@ -544,3 +544,31 @@ async def test_a_producer_reconnecting_within_its_lease_goes_on_numbering(
     assert status["epoch"] == epoch
     assert status["duplicates"] == 0
     assert producer.status()["redis"]["reconnects"] >= 1
+
+
+async def test_edges_get_each_update_right_after_the_producers_clients(
+    start: Start, ranked_db: SkillsDB, open_client: ClientFactory
+) -> None:
+    """A producer with clients of its own publishes right after its own ticks, so an edge's
+    client gets a change one Redis hop after the producer's client, not up to an interval
+    apart (the publisher used to keep a schedule of its own, at any phase of the hub's)."""
+    producer = await start(update_interval=1.0)
+    edge = await start(edge=True, update_interval=1.0)
+    remote = await open_client(url_of(edge))
+    await update_where(remote, lambda u: u["source"]["state"] == "ok", 100 * UNIT)
+    # The producer's own ticks start with its first client: half an interval after its
+    # publisher's schedule began, the worst phase for a publisher on a schedule of its own.
+    await asyncio.sleep(0.5)
+    local = await open_client(url_of(producer))
+    await local.recv_type("metrics_update")
+    loop = asyncio.get_running_loop()
+    ranked_db.record("skill-06", count=45)
+
+    async def arrival(client: Any) -> float:
+        await update_where(
+            client, lambda u: u["data"]["top_skills"][0]["skill_name"] == "skill-06", 100 * UNIT
+        )
+        return loop.time()
+
+    at_producer, at_edge = await asyncio.gather(arrival(local), arrival(remote))
+    assert abs(at_edge - at_producer) < 0.25, (at_producer, at_edge)

@@ -304,14 +304,17 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
-async def wait_or_stop(stopping: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` unless ``stopping`` is set first; True when stopping."""
+async def wait_or_stop(
+    stopping: asyncio.Event, seconds: float, also: asyncio.Event | None = None
+) -> bool:
+    """Wait ``seconds``, or until ``stopping`` (or ``also``) is set; True when stopping."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in (stopping, also) if e is not None]
     try:
-        async with asyncio.timeout(seconds):
-            await stopping.wait()
-    except TimeoutError:
-        return False
-    return True
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return stopping.is_set()
 
 
 def as_text(value: Any) -> str:

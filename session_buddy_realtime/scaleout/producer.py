@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from session_buddy_realtime.data.source import Source
+from session_buddy_realtime.data.source import MetricsSnapshot, Source
 from session_buddy_realtime.scaleout import wire
 from session_buddy_realtime.scaleout.link import (
     CLAIM_LEASE,
@@ -40,13 +40,24 @@ from session_buddy_realtime.scaleout.link import (
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["Publisher"]
+__all__ = ["Publisher", "Ticks"]
 
 logger = logging.getLogger(__name__)
 
 LAST_KEPT_SECONDS: Final = 3600
 """How long the last state stays readable for edges that connect later."""
 MAX_CONCURRENT_REQUESTS: Final = 16
+
+
+class Ticks(Protocol):
+    """What the publisher sees of the server's hub."""
+
+    ticked: asyncio.Event
+    """Set after each tick."""
+    last_read: MetricsSnapshot | None
+    """What the last tick read, if it read."""
+    watched_elsewhere: frozenset[str]
+    """Skills every tick reads besides the hub's own subscribers'."""
 
 
 class Publisher:
@@ -59,6 +70,9 @@ class Publisher:
         interval: Seconds between publications (the server's update interval).
         read_timeout: How long a publication waits for the source.
         timings: Lease, watch and reconnection timings.
+        ticks: The server's own hub: while the server has clients, the publisher publishes
+            right after each of its ticks the very state that tick read (reading the
+            skills edges watch too); on its own schedule otherwise.
     """
 
     def __init__(
@@ -70,8 +84,10 @@ class Publisher:
         interval: float,
         read_timeout: float,
         timings: RedisTimings,
+        ticks: Ticks | None = None,
     ) -> None:
         self.source = source
+        self.ticks = ticks
         self.url = url
         self.keys = keys
         self.interval = interval
@@ -121,6 +137,11 @@ class Publisher:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self.ticks is not None:
+            self.ticks.watched_elsewhere = frozenset()
 
     def describe(self) -> dict[str, Any]:
         """The ``redis`` object of the status."""
@@ -187,20 +208,28 @@ class Publisher:
     async def _publish_loop(self, client: Redis) -> None:
         loop = asyncio.get_running_loop()
         claim = client.register_script(CLAIM_LEASE)
-        step = min(self.interval, self.timings.renew_every)
+        ticked = None if self.ticks is None else self.ticks.ticked
         next_claim = next_publish = loop.time()
         while not self._stopping.is_set():
             now = loop.time()
             if now >= next_claim:
                 await self._claim(claim)
                 next_claim = now + self.timings.renew_every
-            if self._held_epoch is not None and now >= next_publish:
-                await self._publish(client)
-                next_publish += self.interval
-                if next_publish <= loop.time():  # overran: skip the missed slots
-                    next_publish = loop.time() + self.interval
-            wake = min(next_claim, next_publish if self._held_epoch is not None else next_claim)
-            if await wait_or_stop(self._stopping, max(0.0, min(step, wake - loop.time()))):
+            paced = ticked is not None and ticked.is_set()
+            if ticked is not None:
+                ticked.clear()
+            if self._held_epoch is not None and (paced or now >= next_publish):
+                await self._publish(client, paced=paced)
+                if paced:
+                    # Right after the server's own tick: its clients and the edges' get each
+                    # state one Redis hop apart. The timer only takes over if ticks stop.
+                    next_publish = now + 1.5 * self.interval
+                else:
+                    next_publish += self.interval
+                    if next_publish <= loop.time():  # overran: skip the missed slots
+                        next_publish = loop.time() + self.interval
+            wake = min(next_claim, next_publish) if self._held_epoch is not None else next_claim
+            if await wait_or_stop(self._stopping, wake - loop.time(), also=ticked):
                 return
 
     async def _claim(self, claim: Any) -> None:
@@ -222,8 +251,9 @@ class Publisher:
             if self._held_epoch is not None:
                 logger.warning("lost the Redis lease to %s", as_text(value))
             self._held_epoch, self._holder = None, as_text(value)
+            self._unwatch()
 
-    async def _publish(self, client: Redis) -> None:
+    async def _publish(self, client: Redis, *, paced: bool) -> None:
         epoch = self._held_epoch
         assert epoch is not None
         members = [
@@ -232,13 +262,18 @@ class Publisher:
         skills = {m.removeprefix("skill:") for m in members if m.startswith("skill:")}
         skills = {name for name in skills if _valid_skill(name)}
         self._watched = len(skills)
+        if self.ticks is not None:
+            self.ticks.watched_elsewhere = frozenset(skills)  # the next tick reads them too
         envelope: bytes | None = None
         body: bytes | None = None
         self._seq += 1
         stamp = wire.Stamp(epoch, self._seq, self.identity)
         if members:
-            # Somebody watches: read (the source re-queries only when the data changed).
-            snapshot = await self.source.read(skills, self.read_timeout)
+            shared = None if self.ticks is None or not paced else self.ticks.last_read
+            if shared is not None and skills <= shared.skills.keys():
+                snapshot = shared  # the very state the server's own clients were just sent
+            else:  # the source re-queries only when the data changed
+                snapshot = await self.source.read(skills, self.read_timeout)
             body = wire.encode_body(wire.state_body(snapshot, skills))
             if body != self._last_body:
                 envelope = wire.encode_state(body, stamp, self.interval, time.time())

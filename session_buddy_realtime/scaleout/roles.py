@@ -7,7 +7,7 @@ from typing import Any
 from session_buddy_realtime.data.source import Source
 from session_buddy_realtime.scaleout.edge import RedisSource
 from session_buddy_realtime.scaleout.link import Keys, RedisTimings, check_prefix, check_redis_url
-from session_buddy_realtime.scaleout.producer import Publisher
+from session_buddy_realtime.scaleout.producer import Publisher, Ticks
 
 __all__ = ["ScaleOut"]
 
@@ -50,8 +50,9 @@ class ScaleOut:
         )
         self.publisher: Publisher | None = None
 
-    def publish(self, source: Source, read_timeout: float) -> None:
-        """As a producer, publish what ``source`` reads (the server's own source)."""
+    def publish(self, source: Source, read_timeout: float, ticks: Ticks) -> None:
+        """As a producer, publish what ``source`` (the server's own) reads, right after
+        each tick of the server's hub (``ticks``) while it has clients."""
         if self.role == "producer" and self.url is not None:
             self.publisher = Publisher(
                 source,
@@ -60,6 +61,7 @@ class ScaleOut:
                 interval=self.interval,
                 read_timeout=read_timeout,
                 timings=self.timings,
+                ticks=ticks,
             )
 
     async def open(self) -> None:

@@ -30,6 +30,7 @@ from session_buddy_realtime.protocol import (
 from session_buddy_realtime.stream.closing import close_listener
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
 from session_buddy_realtime.stream.stats import StreamStats
+from session_buddy_realtime.stream.waits import first_of, unless_set
 
 __all__ = ["Hub", "Subscriber"]
 
@@ -92,6 +93,12 @@ class Hub(Generic[S]):
     ) -> None:
         self.source = source
         self.paced_by = paced_by
+        self.ticked = asyncio.Event()
+        """Set after every tick: a producer's publisher publishes right after it."""
+        self.last_read: MetricsSnapshot | None = None
+        """What the last tick read (None if it read nothing), for the publisher to publish."""
+        self.watched_elsewhere: frozenset[str] = frozenset()
+        """Skills each tick reads besides its subscribers' (those edges' clients watch)."""
         self.stats = stats
         self.interval = interval
         self.read_timeout = read_timeout
@@ -129,7 +136,7 @@ class Hub(Generic[S]):
 
     async def until_sessions(self, stopping: asyncio.Event) -> bool:
         """Wait until a session is added (True) or ``stopping`` is set (False)."""
-        await _first_of(self._has_sessions, stopping)
+        await first_of(self._has_sessions, stopping)
         return not stopping.is_set()
 
     # Subscriptions
@@ -141,16 +148,7 @@ class Hub(Generic[S]):
     async def unless_stopping(self, work: Awaitable[T]) -> T | None:
         """The result of ``work``, or None if the hub stops first (``work`` is cancelled):
         a request still being answered never holds up ``close_all()``."""
-        task = asyncio.ensure_future(work)
-        stopped = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        return None if task.cancelled() else task.result()
+        return await unless_set(self._stopping, work)
 
     async def subscribe(self, session: S, skill: str | None) -> None:
         """Subscribe ``session`` to all skills (None) or one: confirm, then a snapshot."""
@@ -196,14 +194,14 @@ class Hub(Generic[S]):
         loop = asyncio.get_running_loop()
         interval = self.interval
         stopping = self._stopping
-        next_tick = loop.time()
+        next_tick, arrival = loop.time(), False
         while not stopping.is_set():
             if not self.sessions:
                 # Nobody connected: no ticks, no wake-ups, until a client arrives; it is
                 # served at once and the schedule restarts from there.
                 if not await self.until_sessions(stopping):
                     return
-                next_tick = loop.time()
+                next_tick, arrival = loop.time(), True
             began = loop.time()
             if self.paced_by is not None:
                 self.paced_by.clear()  # what arrives during the tick brings the next one
@@ -214,27 +212,30 @@ class Hub(Generic[S]):
                 self.stats.record_error(f"broadcast tick: {exc!r}")
                 logger.exception("broadcast tick failed")
             ended = loop.time()
+            self.ticked.set()
             self.stats.last_tick_at = format_timestamp()
             self.stats.last_tick_seconds = round(ended - began, 6)
             self.stats.tick_seconds.observe(ended - began)
             if self.paced_by is not None:
-                await self._wait_paced(began, stopping)
+                await self._wait_paced(began, stopping, spaced=not arrival)
+                arrival = False
                 continue
             next_tick += interval
             if next_tick <= ended:
                 missed = math.floor((ended - next_tick) / interval) + 1
                 self.stats.ticks_skipped += missed
                 next_tick += missed * interval
-            await _first_of(stopping, deadline=next_tick)
+            await first_of(stopping, deadline=next_tick)
 
-    async def _wait_paced(self, began: float, stopping: asyncio.Event) -> None:
+    async def _wait_paced(self, began: float, stopping: asyncio.Event, *, spaced: bool) -> None:
         """Until the source's next state, but not before half an interval after the last
-        tick (a flood of states cannot speed the clients up) nor after 1.5 intervals (a
-        silent feed still gets its clients an update, flagged stale, at about the cadence)."""
+        tick (a flood of states cannot speed the clients up; the tick for a first client is
+        not counted) nor after 1.5 intervals (a silent feed still gets its clients an
+        update, flagged stale, at about the cadence)."""
         assert self.paced_by is not None
-        await _first_of(self.paced_by, stopping, deadline=began + 1.5 * self.interval)
-        if not stopping.is_set():
-            await _first_of(stopping, deadline=began + self.interval / 2)
+        await first_of(self.paced_by, stopping, deadline=began + 1.5 * self.interval)
+        if spaced and not stopping.is_set():
+            await first_of(stopping, deadline=began + self.interval / 2)
 
     async def _tick(self) -> None:
         groups: dict[str | None, list[S]] = {}
@@ -255,10 +256,14 @@ class Hub(Generic[S]):
         for session in backed_up:
             self._congested(session, now)
         self.stats.ticks += 1
+        self.last_read = None
         if not groups:
             self.stats.idle_ticks += 1
             return
-        snapshot = await self.read({skill for skill in groups if skill is not None})
+        snapshot = await self.read(
+            {skill for skill in groups if skill is not None} | self.watched_elsewhere
+        )
+        self.last_read = snapshot
         timestamp = format_timestamp()
         for skill, members in groups.items():
             # One group's failure (a payload that cannot be encoded, say) must not cost
@@ -378,19 +383,6 @@ class Hub(Generic[S]):
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.sessions.clear()
         self._has_sessions.clear()
-
-
-async def _first_of(*events: asyncio.Event, deadline: float | None = None) -> None:
-    """Return once any of ``events`` is set, or at ``deadline`` (the loop's time)."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        async with asyncio.timeout_at(deadline):
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    except TimeoutError:
-        pass
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _text_frame(text: str) -> bytes:

@@ -174,7 +174,6 @@ class RealTimeMetricsServer:
         )
         # How long a tick waits for a new read before sending the last good data.
         read_timeout = 0.8 * self.update_interval
-        self._scale.publish(self._source, read_timeout)
         self._hub: Hub[ClientSession] = Hub(
             self._source,
             self._stats,
@@ -185,6 +184,7 @@ class RealTimeMetricsServer:
             close_timeout=close_timeout,
             paced_by=None if self._scale.feed is None else self._scale.feed.arrivals,
         )
+        self._scale.publish(self._source, read_timeout, self._hub)
         self._keepalive = (
             None
             if ping_interval is None
