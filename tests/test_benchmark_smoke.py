@@ -1,4 +1,4 @@
-"""The fan-out benchmark still runs end to end (a smoke check, not a speed check)."""
+"""The benchmarks still run end to end (smoke checks, not speed checks)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_support import needs_redis
+
 BENCHMARK = Path(__file__).parent / "benchmarks" / "fanout.py"
+SCALEOUT = Path(__file__).parent / "benchmarks" / "scaleout.py"
 
 
 @pytest.mark.timeout(240)
@@ -30,4 +33,27 @@ def test_fanout_benchmark_smoke_run_prints_its_report() -> None:
     assert "one stuck client among the others" in report
     goals = [line for line in report.splitlines() if line.startswith(("  pass", "  short"))]
     assert len(goals) >= 5, report
+    assert "Traceback" not in result.stderr
+
+
+@needs_redis
+@pytest.mark.timeout(120)
+def test_scaleout_benchmark_smoke_run_prints_its_report() -> None:
+    """`scaleout.py --smoke` (N=50, one round, its own redis-server) measures one process
+    against two edges and the extra hop, and prints both tables; the figures are not
+    checked."""
+    result = subprocess.run(
+        [sys.executable, str(SCALEOUT), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stdout
+    for setup in ("one process", "two edges"):
+        assert f"    50  {setup}" in report, report
+    assert "two edges / one process" in report, report
+    assert "edge client receive - producer client receive, same update" in report, report
+    assert "Redis pub/sub, one message, loopback" in report, report
     assert "Traceback" not in result.stderr

@@ -499,11 +499,11 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 
 
 class Process:
-    """A child process speaking one JSON object per line."""
+    """A child process speaking one JSON object per line (this script, or ``script``)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, script: Path = HERE) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, str(HERE), *args],
+            [sys.executable, str(script), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
