@@ -199,8 +199,7 @@ async def test_echoed_value_is_cut_short_and_kept_on_one_line(
         (
             "realtime_start",
             {"port": 0, "prot": 9000},
-            "unknown argument 'prot' for realtime_start; "
-            "accepted: host, port, interval, redis_url",
+            "unknown argument 'prot' for realtime_start; accepted: host, port, interval, redis_url",
         ),
         (
             "realtime_stop",
