@@ -60,9 +60,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
+# First on the path, even if already on it further down: another distribution's top-level
+# ``tests`` package (Session-Buddy's environment has one) must not shadow this project's.
 for _path in (str(HERE.parent), str(ROOT)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+    while _path in sys.path:
+        sys.path.remove(_path)
+    sys.path.insert(0, _path)
 
 import fanout  # noqa: E402  (the swarm, its process wrapper and helpers)
 
