@@ -138,6 +138,22 @@ def peer_ip(connection: ServerConnection) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
 
+def _socket_options(dead_peer: tuple[float, float] | None) -> list[tuple[int, int, int]]:
+    options = [(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
+    if dead_peer is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        interval, timeout = dead_peer
+        options += [
+            # Data unacknowledged for interval + timeout: the connection is reset, as a
+            # ping without a pong would have it closed.
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round((interval + timeout) * 1000)),
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(interval))),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(timeout / 4))),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+        ]
+    return options
+
+
 def drop(connection: ServerConnection) -> None:
     """Reset a connection at once, discarding what the kernel still holds for it."""
     transport = connection.transport
@@ -151,7 +167,11 @@ def drop(connection: ServerConnection) -> None:
 
 
 def tracking_connection_class(
-    registry: ConnectionRegistry, *, tls: ssl.SSLContext | None = None, tls_timeout: float = 5.0
+    registry: ConnectionRegistry,
+    *,
+    tls: ssl.SSLContext | None = None,
+    tls_timeout: float = 5.0,
+    dead_peer: tuple[float, float] | None = None,
 ) -> type[ServerConnection]:
     """A ServerConnection that enters ``registry`` on accept and leaves on close.
 
@@ -159,8 +179,11 @@ def tracking_connection_class(
     peer sends data (a ping frame each time, say) while ``write_limit`` bytes are waiting
     for it: a client that does not read cannot make the server queue replies for ever.
     With ``tls``, the TLS handshake runs here, after the socket is counted: sockets still
-    in their TLS handshake count against the caps like any other.
+    in their TLS handshake count against the caps like any other. With ``dead_peer``
+    (keepalive interval, timeout), the kernel gives up on a peer that acknowledges
+    nothing for that long (``TCP_USER_TIMEOUT``, and TCP keepalive while idle).
     """
+    options = _socket_options(dead_peer)
 
     class TrackedConnection(ServerConnection):
         early: list[bytes] | None = None
@@ -170,7 +193,8 @@ def tracking_connection_class(
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+                    for level, name, value in options:
+                        sock.setsockopt(level, name, value)
             if tls is None:
                 super().connection_made(transport)
                 registry.add(self)

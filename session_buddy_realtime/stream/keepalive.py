@@ -24,11 +24,15 @@ _PING_BUFFER_LIMIT: Final = 8 * 1024
 
 
 class Keepalive:
-    """Ping every client each ``interval``; close with 1011 one that stays silent.
+    """Ping the clients that receive nothing; close with 1011 one that stays silent.
 
-    One task for all connections. Each client's pings are due ``interval`` after it
-    connected and after each pong, so pings spread out instead of arriving in bursts.
-    Clients too far behind to read a ping are left to the hub's slow-client rule.
+    A subscriber that is sent an update at least every ``interval`` needs no ping: the
+    kernel resets a connection whose data goes unacknowledged for ``interval + timeout``
+    (``dead_peer``, set on every accepted socket), and a peer that stops reading is the
+    hub's slow-client rule's. So only connections that receive nothing regularly are
+    pinged (unsubscribed ones, or every one when updates are rarer than pings), by one
+    task for all: each client's pings are due ``interval`` after it connected and after
+    each pong, so pings spread out instead of arriving in bursts.
 
     Args:
         hub: Whose sessions to ping, and who closes them.
@@ -42,6 +46,11 @@ class Keepalive:
         self.timeout = timeout
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def dead_peer(self) -> tuple[float, float] | None:
+        """(interval, timeout) for the kernel's dead-peer detection; None without a timeout."""
+        return None if self.timeout is None else (self.interval, self.timeout)
 
     def schedule(self, session: Subscriber, now: float) -> None:
         """Make a new session's first ping due one interval from ``now``."""
@@ -70,7 +79,13 @@ class Keepalive:
                 async with asyncio.timeout(step):
                     await stopping.wait()
             now = time.monotonic()
+            # Updates at least once per ping interval (an edge's at most 1.5 intervals
+            # apart) keep a subscriber's connection checked by the kernel.
+            fed = self.timeout is not None and 1.5 * hub.interval < self.interval
             for session in list(hub.sessions.values()):
+                if fed and session.subscribed:
+                    session.ping_due = max(session.ping_due, now + self.interval)
+                    continue
                 try:
                     await self._ping_one(session, now)
                 except ConnectionClosed:

@@ -147,8 +147,12 @@ async def listen(
     max_message_size: int,
     open_timeout: float,
     close_timeout: float,
+    dead_peer: tuple[float, float] | None = None,
 ) -> Server:
     """Listen on ``host``:``port``: requests go through ``router``, WebSockets to ``handler``.
+
+    ``dead_peer`` (keepalive interval, timeout) lets the kernel drop peers that stop
+    acknowledging (see ``tracking_connection_class``).
 
     Raises:
         PortInUseError: the address is taken.
@@ -169,7 +173,7 @@ async def listen(
             close_timeout=close_timeout,
             # TLS is done by the connection class, after the socket is counted.
             create_connection=tracking_connection_class(
-                router.gate.registry, tls=ssl_context, tls_timeout=open_timeout
+                router.gate.registry, tls=ssl_context, tls_timeout=open_timeout, dead_peer=dead_peer
             ),
             process_request=router,
             process_response=router.gate.responded,

@@ -270,6 +270,7 @@ class RealTimeMetricsServer:
                     max_message_size=self._max_message_size,
                     open_timeout=self._open_timeout,
                     close_timeout=self._close_timeout,
+                    dead_peer=None if self._keepalive is None else self._keepalive.dead_peer,
                 )
             except BaseException:
                 await self._source.close()
