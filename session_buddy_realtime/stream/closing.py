@@ -23,7 +23,8 @@ async def close_listener(
     """Close ``listener`` and every connection in ``registry`` within ``close_timeout``.
 
     Connections still in the handshake (TLS or WebSocket), and clients so far behind that
-    a close frame would wait behind their backlog, are dropped at once; the rest get 1001.
+    a close frame would wait behind their backlog, are dropped at once; the rest get 1001,
+    all written in one pass.
     Whoever has not finished the closing handshake in ``close_timeout`` (a stuck client
     cannot even receive the close frame) is dropped too.
     """
@@ -35,7 +36,16 @@ async def close_listener(
             drop(connection)  # reset: its backlog is discarded, not sent first
     if registry.tls_handshakes:
         await asyncio.gather(*registry.tls_handshakes, return_exceptions=True)
-    listener.close(close_connections=True, code=CloseCode.GOING_AWAY)
+    # The library's own close is a coroutine per connection (~300 µs of CPU each at 10k):
+    # send every close frame now, from here, and give them all one deadline.
+    for connection in list(connections):
+        if connection.protocol.state is State.OPEN:
+            try:
+                connection.protocol.send_close(CloseCode.GOING_AWAY, "")
+                connection.send_data()
+            except Exception:  # a transport already failing: nothing to say goodbye on
+                connection.transport.abort()
+    listener.close(close_connections=False)
     try:
         async with asyncio.timeout(close_timeout):
             await listener.wait_closed()
