@@ -244,7 +244,7 @@ async def test_duplicates_stale_epochs_and_gaps_are_handled(
     older = {**envelope, "epoch": envelope["epoch"] - 1, "seq": 10**6}
     older["state"] = {**envelope["state"], "top_skills": []}
     redis.publish(KEYS.states, json.dumps(older))  # type: ignore[attr-defined]
-    ahead = {**envelope, "kind": "heartbeat", "seq": envelope["seq"] + 10**6}
+    ahead = {**envelope, "kind": "heartbeat", "seq": edge.status()["redis"]["seq"] + 5}
     del ahead["state"]
     redis.publish(KEYS.states, json.dumps(ahead))  # type: ignore[attr-defined]
     await wait_until(lambda: edge.status()["redis"]["stale"] >= 1)

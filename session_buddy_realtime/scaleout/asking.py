@@ -51,6 +51,10 @@ class Questions:
             async with asyncio.timeout(min(within, self.reply_timeout)):
                 self.sent += 1
                 await client.publish(self.channel, wire.encode_request(request))
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # The client can swallow a cancellation that lands mid-command.
+                    raise asyncio.CancelledError
                 return await waiter
         except (TimeoutError, RedisError, OSError, ConnectionError):
             self.unanswered += 1

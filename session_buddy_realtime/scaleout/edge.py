@@ -32,7 +32,6 @@ from session_buddy_realtime.data.source import (
 from session_buddy_realtime.scaleout import wire
 from session_buddy_realtime.scaleout.asking import Questions
 from session_buddy_realtime.scaleout.link import (
-    ANNOUNCE,
     Backoff,
     Keys,
     RedisTimings,
@@ -44,6 +43,7 @@ from session_buddy_realtime.scaleout.link import (
     wait_or_stop,
 )
 from session_buddy_realtime.scaleout.received import Received
+from session_buddy_realtime.scaleout.watching import ALL, Watching
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -52,7 +52,6 @@ __all__ = ["RedisSource"]
 
 logger = logging.getLogger(__name__)
 
-_ALL: Final = "all"
 _FIRST_CONNECT_WAIT: Final = 3.0
 
 
@@ -81,12 +80,12 @@ class RedisSource:
         self._down_since: float | None = None
         self._received = Received()
         self._questions = Questions(keys.requests, timings.reply_timeout)
-        self._watched: dict[str, float] = {}
-        """Skills (and ``all``) the hub asked for, and when it last did."""
-        self._announced: set[str] = set()
-        self._announce_now = asyncio.Event()
+        self._watching = Watching(keys, timings.watch_seconds, self._forget)
         self._asked: dict[str, float] = {}
+        self._fetching: dict[str, asyncio.Future[None]] = {}  # rows asked for, by skill
+        self._outdated = True  # the newest state may be old: none yet, or before an idle spell
         self._counts = {"invalid": 0, "reconnects": 0}
+        self._backoff = Backoff(timings.reconnect_max)
         self._tried = asyncio.Event()
         """Set once the first connection attempt has succeeded or failed."""
         self._last_invalid: str | None = None
@@ -123,22 +122,38 @@ class RedisSource:
         self._questions.fail_all()
 
     async def read(self, skills: Set[str], within: float) -> MetricsSnapshot:
-        """The newest state, with ``skills``' rows; a skill not carried yet is asked of the
-        producer (waiting up to ``within`` the first time)."""
+        """The newest state, with ``skills``' rows; what is not carried yet (a new skill, or
+        everything after an idle spell, when the producer stopped publishing states) is
+        asked of the producer, once for all callers, waiting up to ``within``."""
         now = time.monotonic()
-        self._watched[_ALL] = now
-        for name in skills:
-            self._watched[name] = now
-        if not skills | {_ALL} <= self._announced:
-            self._announce_now.set()
-        missing = {n for n in skills if not self._received.has_row(n, now, self.interval)}
-        if self._received.latest is None:
-            missing.add(_ALL)  # no state yet: the first clients need not wait for one
-        if missing and self._outage(now) is None:
-            fresh = {name for name in missing if now - self._asked.get(name, -1e9) > self.interval}
-            if fresh:
-                await self._fetch_rows(fresh - {_ALL}, within)
-        return self._received.snapshot(skills, self._outage(time.monotonic()))
+        idle = self._watching.ask(skills, now)
+        if idle or self._received.latest is None:
+            self._outdated = True  # until a whole state arrives (a reply, or published)
+        outage = self._outage(now)
+        if outage is None:
+            missing = {n for n in skills if not self._received.has_row(n, now, self.interval)}
+            if missing or self._outdated:
+                await self._rows_of(missing, self._outdated, within)
+            outage = self._outage(time.monotonic())
+            if outage is None and self._outdated:
+                # Never the state from before an idle spell called current.
+                outage = SourceState.UNAVAILABLE, "waiting for the producer's current state"
+        return self._received.snapshot(skills, outage)
+
+    async def _rows_of(self, skills: set[str], whole: bool, within: float) -> None:
+        """Wait (up to ``within``) for the rows of ``skills`` (and a whole state), asking the
+        producer for what nobody is asking already."""
+        now = time.monotonic()
+        wanted = skills | {ALL} if whole else skills
+        new = {n for n in wanted if n not in self._fetching or self._fetching[n].done()}
+        new = {n for n in new if now - self._asked.get(n, -1e9) > self.interval or n == ALL}
+        if new:
+            task = asyncio.ensure_future(self._fetch_rows(new - {ALL}, replace=ALL in new))
+            for name in new:
+                self._fetching[name] = task
+        waits = {self._fetching[n] for n in wanted if n in self._fetching}
+        if waits:
+            await asyncio.wait(waits, timeout=within)
 
     async def history(self, skill: str | None, window: HistoryWindow, within: float) -> History:
         """The producer's history, asked for through Redis."""
@@ -205,7 +220,7 @@ class RedisSource:
             "last_envelope_age_seconds": None
             if received.heard_at is None
             else round(now - received.heard_at, 3),
-            "watched_skills": len(self._watched) - (_ALL in self._watched),
+            "watched_skills": self._watching.skills,
             **received.counts,
             "invalid": self._counts["invalid"],
             "reconnects": self._counts["reconnects"],
@@ -220,13 +235,13 @@ class RedisSource:
     async def _run(self) -> None:
         from redis.exceptions import RedisError
 
-        backoff = Backoff(self.timings.reconnect_max)
+        backoff = self._backoff
         while not self._stopping.is_set():
             client = connect(self.url, name=self.identity)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.states, self.keys.replies(self.identity))
-                self._client, self._announced = client, set()
+                self._client = client
                 await self._accept_last(client)
                 if not self._connected:
                     logger.info(
@@ -234,13 +249,12 @@ class RedisSource:
                     )
                 self._connected, self._down_since = True, None
                 self._tried.set()
-                backoff.reset()
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self._announce_loop(client))
+                    group.create_task(self._watching.announce(client, self._stopping))
                     group.create_task(self._listen(client, pubsub))
             except* (RedisError, OSError) as failure:
                 exc = failure.exceptions[0]
-                if self._connected or self._last_error is None:
+                if describe_error(exc) != self._last_error:  # once per kind of trouble
                     logger.warning(
                         "Redis at %s: %s; clients are told so, retrying with backoff",
                         redacted_url(self.url),
@@ -267,10 +281,9 @@ class RedisSource:
 
     async def _listen(self, client: Redis, pubsub: Any) -> None:
         replies = self.keys.replies(self.identity).encode()
-        stale_check = self.interval * self.timings.stale_after
         while not self._stopping.is_set():
             message = await pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(1.0, stale_check)
+                ignore_subscribe_messages=True, timeout=min(1.0, self._stale_after())
             )
             if message is not None and message.get("type") == "message":
                 if message["channel"] == replies:
@@ -280,7 +293,7 @@ class RedisSource:
                         self._invalid(f"reply: {exc}")
                 else:
                     self._take(message["data"])
-            elif self._quiet_for(time.monotonic()) > stale_check:
+            elif self._quiet_for(time.monotonic()) > self._stale_after():
                 self.arrivals.set()  # gone quiet: the hub's fallback cadence says so anyway
             if self._resync:
                 self._resync = False
@@ -298,7 +311,7 @@ class RedisSource:
             resync = self._received.accept(
                 published,
                 now,
-                producer_gone=self._quiet_for(now) > self.interval * self.timings.stale_after,
+                producer_gone=self._quiet_for(now) > self._stale_after(),
                 from_last=from_last,
             )
         except wire.WireError as exc:
@@ -306,8 +319,18 @@ class RedisSource:
             return
         if resync is None:
             return
+        if published.snapshot is not None:
+            self._outdated = False
+        # Envelopes flow: the next trouble is logged again, and retried briefly at first.
+        self._last_error = None
+        self._backoff.reset()
         self._resync = self._resync or resync
         self.arrivals.set()
+
+    def _stale_after(self) -> float:
+        """Seconds without an envelope before the feed is called stale: ``stale_after`` of
+        the slower of this edge's interval and its producer's."""
+        return self.timings.stale_after * max(self.interval, self._received.interval or 0.0)
 
     def _quiet_for(self, now: float) -> float:
         heard = self._received.heard_at
@@ -321,34 +344,21 @@ class RedisSource:
 
     # Watched skills
 
-    async def _announce_loop(self, client: Redis) -> None:
-        every = self.timings.watch_seconds / 3
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            for name, asked in list(self._watched.items()):
-                if now - asked > self.timings.watch_seconds:
-                    del self._watched[name]
-            if self._watched:
-                members = ["all" if n == _ALL else f"skill:{n}" for n in self._watched]
-                ttl = round(self.timings.watch_seconds * 1000)
-                await client.eval(ANNOUNCE, 1, self.keys.watch, ttl, *members)
-                self._announced = set(self._watched)
-            self._announce_now.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every):
-                    await self._announce_now.wait()
+    def _forget(self, name: str) -> None:
+        self._asked.pop(name, None)
+        self._fetching.pop(name, None)
 
     # Requests to the producer
 
-    async def _fetch_rows(self, skills: set[str], within: float) -> None:
+    async def _fetch_rows(self, skills: set[str], *, replace: bool) -> None:
         now = time.monotonic()
-        for name in skills or {_ALL}:
+        for name in skills:
             self._asked[name] = now
         names = sorted(skills)
         for start in range(0, max(1, len(names)), wire.MAX_REQUEST_SKILLS):
             batch = frozenset(names[start : start + wire.MAX_REQUEST_SKILLS])
             request = wire.Request(self._questions.new_id(), self.identity, "read", skills=batch)
-            reply = await self._questions.ask(self._client, request, within)
+            reply = await self._questions.ask(self._client, request, self.timings.reply_timeout)
             if reply is None:
                 continue
             try:
@@ -356,8 +366,9 @@ class RedisSource:
             except wire.WireError as exc:
                 self._invalid(f"read reply: {exc}")
                 continue
-            if snapshot.state is SourceState.OK:
-                self._received.keep_rows(snapshot, batch, time.monotonic())
+            self._received.keep_rows(snapshot, batch, time.monotonic(), replace=replace)
+            if replace:
+                self._outdated = False
 
     # What clients are told
 
@@ -375,7 +386,7 @@ class RedisSource:
         quiet = self._quiet_for(now)
         if quiet == math.inf:
             return SourceState.UNAVAILABLE, f"no producer has published on {where} yet"
-        if quiet > self.interval * self.timings.stale_after:
+        if quiet > self._stale_after():
             return SourceState.UNAVAILABLE, (
                 f"no producer has published on {where} for {quiet:.0f} s; "
                 f"showing the last data received"

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
@@ -42,18 +43,27 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX: Final = "session-buddy-realtime"
 _PREFIX: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _SCHEMES: Final = ("redis", "rediss", "unix")
-_QUERY_OPTIONS: Final = frozenset(
-    {
-        "db",
-        "protocol",
-        "ssl_ca_certs",
-        "ssl_ca_path",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "ssl_cert_reqs",
-        "ssl_check_hostname",
-    }
-)
+_OPTION_HELP: Final = {
+    "db": "a database number",
+    "protocol": "2 or 3",
+    "ssl_ca_certs": "a file",
+    "ssl_ca_path": "a folder",
+    "ssl_certfile": "a file",
+    "ssl_keyfile": "a file",
+    "ssl_cert_reqs": "none, optional or required",
+    "ssl_check_hostname": "true or false",
+}
+_OPTION_VALUES: Final[dict[str, Callable[[str], bool]]] = {
+    "db": lambda v: v.isdigit(),
+    "protocol": lambda v: v in ("2", "3"),
+    "ssl_ca_certs": bool,
+    "ssl_ca_path": bool,
+    "ssl_certfile": bool,
+    "ssl_keyfile": bool,
+    "ssl_cert_reqs": lambda v: v in ("none", "optional", "required"),
+    "ssl_check_hostname": lambda v: v.lower() in ("true", "false", "yes", "no", "1", "0"),
+}
+_QUERY_OPTIONS: Final = frozenset(_OPTION_HELP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,12 +217,18 @@ def check_redis_url(url: str, setting: str = "redis_url") -> str:
         raise ConfigError(f"{setting} names no host: {redacted_url(url)!r}")
     if port == 0:
         raise ConfigError(f"{setting} has port 0: {redacted_url(url)!r}")
-    unknown = {name for name, _ in parse_qsl(parts.query)} - _QUERY_OPTIONS
+    options = dict(parse_qsl(parts.query))
+    unknown = options.keys() - _QUERY_OPTIONS
     if unknown:
         raise ConfigError(
             f"{setting} has options this package does not pass on: {', '.join(sorted(unknown))}"
             f" (known: {', '.join(sorted(_QUERY_OPTIONS))})"
         )
+    for name, value in options.items():
+        if name.startswith("ssl_") and parts.scheme != "rediss":
+            raise ConfigError(f"{setting}: {name} needs a rediss:// (TLS) URL")
+        if not _OPTION_VALUES[name](value):
+            raise ConfigError(f"{setting}: {name}={value[:40]!r} is not {_OPTION_HELP[name]}")
     return url
 
 
@@ -268,7 +284,7 @@ async def first_contact(url: str, *, name: str) -> str | None:
         raise ServerStartError(f"redis_url {redacted_url(url)}: {describe_error(exc)}") from None
     except (RedisError, OSError, TimeoutError) as exc:
         return describe_error(exc)
-    except ValueError as exc:  # what the client makes of a URL it cannot use
+    except (ValueError, TypeError) as exc:  # what the client makes of a URL it cannot use
         raise ConfigError(f"redis_url {redacted_url(url)}: {exc}") from None
     finally:
         await client.aclose()
@@ -281,14 +297,15 @@ def connect(url: str, *, name: str) -> Redis:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
+    tcp: dict[str, Any] = {} if url.startswith("unix:") else {"socket_keepalive": True}
     return Redis.from_url(
         url,
         socket_connect_timeout=3.0,
         socket_timeout=5.0,
-        socket_keepalive=True,
         health_check_interval=5,
         retry=Retry(NoBackoff(), 0),
         client_name=name,
+        **tcp,
     )
 
 

@@ -113,6 +113,9 @@ class Publisher:
             "reconnects": 0,
         }
         self._last_error: str | None = None
+        self._backoff = Backoff(timings.reconnect_max)
+        """Reset only once the lease is claimed: a Redis that answers PING but refuses the
+        scripts (an ACL) is retried with backoff, not ten times a second."""
 
     async def open(self) -> None:
         """Check the URL once: a refused password fails the start; an unreachable Redis
@@ -167,19 +170,16 @@ class Publisher:
     async def _run(self) -> None:
         from redis.exceptions import RedisError
 
-        backoff = Backoff(self.timings.reconnect_max)
+        backoff = self._backoff
         while not self._stopping.is_set():
             client = connect(self.url, name=self.identity)
             try:
                 await client.ping()
-                if not self._connected and self._counts["reconnects"]:
-                    logger.info("Redis at %s reachable again", redacted_url(self.url))
                 self._connected = True
-                backoff.reset()
                 await self._serve(client)
             except* (RedisError, OSError) as failure:
                 exc = failure.exceptions[0]
-                if self._connected or self._last_error is None:
+                if describe_error(exc) != self._last_error:  # once per kind of trouble
                     logger.warning(
                         "Redis at %s: %s; retrying with backoff",
                         redacted_url(self.url),
@@ -237,6 +237,10 @@ class Publisher:
         held, value = await claim(
             keys=[self.keys.lease, self.keys.epoch], args=[self.identity, ttl]
         )
+        self._backoff.reset()
+        if self._last_error is not None and self._connected:
+            logger.info("Redis at %s works again", redacted_url(self.url))
+            self._last_error = None
         if held:
             epoch = int(value)
             if self._held_epoch is None:

@@ -16,6 +16,8 @@ from session_buddy_realtime.scaleout import wire
 __all__ = ["Received"]
 
 _EMPTY = MetricsSnapshot([], {}, [], SourceState.OK, None, None)
+MAX_SEQ_JUMP = 1000
+"""A sequence number further ahead than this, on a live feed, is not the producer's."""
 
 
 class Received:
@@ -36,19 +38,23 @@ class Received:
     ) -> bool | None:
         """Take ``published`` if it is newer than what was accepted.
 
-        ``producer_gone``: nothing came for a while, so an older epoch is a producer that
-        has taken over after Redis lost its data, not a late one. ``from_last``: read from
-        the last-state key (not counted as a duplicate). Returns None when dropped, else
-        whether the last state must be read again (a heartbeat after a gap, or from a new
-        producer, may follow a state this edge never saw).
+        ``producer_gone``: nothing was accepted for a while, so any stamp is taken (an older
+        epoch is then a producer that took over after Redis lost its data, not a late one).
+        ``from_last``: read from the last-state key (not counted as a duplicate). Returns
+        None when dropped, else whether the last state must be read again (a heartbeat
+        after a gap, or from a new producer, may follow a state this edge never saw).
         """
         stamp, current = published.stamp, self.stamp
         resync = False
-        if current is None:
+        if current is None or producer_gone:
+            # Nothing accepted lately: whatever comes is the baseline (a forged or runaway
+            # stamp can so silence an edge for a few intervals, never for good).
             resync = published.kind == "heartbeat"
-        elif stamp.epoch < current.epoch and not producer_gone:
+        elif stamp.epoch < current.epoch:
             self.counts["stale"] += 1
             return None
+        elif stamp.epoch == current.epoch and stamp.seq > current.seq + MAX_SEQ_JUMP:
+            raise wire.WireError(f"sequence number {stamp.seq} jumps over {MAX_SEQ_JUMP} ahead")
         elif stamp.epoch == current.epoch:
             if stamp.producer != current.producer:
                 raise wire.WireError("two producers with one epoch")
@@ -69,13 +75,19 @@ class Received:
                 self._extra.pop(name, None)
         return resync
 
-    def keep_rows(self, reply: MetricsSnapshot, skills: Set[str], now: float) -> None:
+    def keep_rows(
+        self, reply: MetricsSnapshot, skills: Set[str], now: float, *, replace: bool = False
+    ) -> None:
         """Keep the rows of ``skills`` from a ``read`` reply until a state carries them.
 
-        Before any state, the reply (a whole state of the producer's) serves as the newest.
+        The reply is a whole state of the producer's: with ``replace`` (the edge was idle,
+        and the producer published no states meanwhile), or before any state, it becomes the
+        newest. Otherwise its rows are kept only if the producer read them (state ``ok``).
         """
-        if self.latest is None:
+        if replace or self.latest is None:
             self.latest = reply
+            return
+        if reply.state is not SourceState.OK:
             return
         for name in skills:
             if name in reply.skills:
@@ -105,7 +117,9 @@ class Received:
             elif name in self._extra:
                 row, extra_anomalies, _ = self._extra[name]
                 rows[name] = row
-                anomalies = [*anomalies, *extra_anomalies]
+                # The newest state's first anomalies may already hold some of them.
+                held = {_identity(a) for a in anomalies if a["skill_name"] == name}
+                anomalies = [*anomalies, *(a for a in extra_anomalies if _identity(a) not in held)]
             else:
                 unknown = True
         state, message = outage or (latest.state, latest.message)
@@ -114,3 +128,12 @@ class Received:
         if unknown and state is SourceState.OK:
             state, message = SourceState.UNAVAILABLE, "the producer did not answer in time"
         return MetricsSnapshot(latest.top_skills, rows, anomalies, state, message, latest.as_of)
+
+
+def _identity(anomaly: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        anomaly["skill_name"],
+        anomaly["detected_at"],
+        anomaly["anomaly_type"],
+        anomaly["source"],
+    )
