@@ -260,11 +260,11 @@ class Publisher:
     async def _publish(self, client: Redis, *, paced: bool) -> None:
         epoch = self._held_epoch
         assert epoch is not None
-        members = [
-            as_text(m) for m in await client.eval(WATCHED, 1, self.keys.watch, wire.MAX_WATCHED)
-        ]
-        skills = {m.removeprefix("skill:") for m in members if m.startswith("skill:")}
-        skills = {name for name in skills if _valid_skill(name)}
+        # One more than the limit: ``all`` is a member too. The latest announced first.
+        limit = wire.MAX_WATCHED + 1
+        members = [as_text(m) for m in await client.eval(WATCHED, 1, self.keys.watch, limit)]
+        names = [m.removeprefix("skill:") for m in members if m.startswith("skill:")]
+        skills = {name for name in names if _valid_skill(name)}
         self._watched = len(skills)
         if self.ticks is not None:
             self.ticks.watched_elsewhere = frozenset(skills)  # the next tick reads them too
