@@ -215,6 +215,19 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 60 * UNIT) 
             await asyncio.sleep(UNIT / 5)
 
 
+async def raw_websocket(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that completes the handshake and then does only what the test does (it
+    answers no ping by itself)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 40 * UNIT)
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Any]:
     """A real ``redis-server`` on a free loopback port (``tests/redis_support.py``)."""

@@ -8,21 +8,9 @@ import os
 import socket
 import struct
 
-from tests.conftest import UNIT, ServerFactory
+from tests.conftest import ServerFactory, raw_websocket
 
 PING, CLOSE, TEXT = 0x9, 0x8, 0x1
-
-
-async def _raw_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A client that does the handshake and then only does what the test makes it do."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 40 * UNIT)
-    assert head.startswith(b"HTTP/1.1 101")
-    return reader, writer
 
 
 async def _frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -58,7 +46,7 @@ async def test_subscribers_fed_every_tick_are_not_pinged(start_server: ServerFac
     """A subscriber that gets an update every tick is never pinged, so one that would not
     answer pings stays connected: its updates keep its connection watched by the kernel."""
     server = await start_server(update_interval=0.05, ping_interval=0.2, ping_timeout=0.2)
-    reader, writer = await _raw_client(server.port)
+    reader, writer = await raw_websocket(server.port)
     try:
         frames = await _frames_for(reader, 1.0)  # five ping intervals
         opcodes = [opcode for opcode, _ in frames]
@@ -76,7 +64,7 @@ async def test_an_unsubscribed_client_is_pinged_and_closed_when_silent(
     """A connection that receives nothing (unsubscribed) is pinged, and closed with 1011
     when it does not answer."""
     server = await start_server(update_interval=0.05, ping_interval=0.2, ping_timeout=0.2)
-    reader, writer = await _raw_client(server.port)
+    reader, writer = await raw_websocket(server.port)
     try:
         writer.write(_masked_text(json.dumps({"type": "unsubscribe"})))
         frames = await _frames_for(reader, 2.0)
@@ -95,7 +83,7 @@ async def test_accepted_sockets_let_the_kernel_drop_dead_peers(
     """Every accepted socket gives up on a peer that acknowledges nothing for
     ping_interval + ping_timeout (TCP_USER_TIMEOUT), and probes idle ones (TCP keepalive)."""
     server = await start_server(ping_interval=20.0, ping_timeout=20.0)
-    _, writer = await _raw_client(server.port)
+    _, writer = await raw_websocket(server.port)
     try:
         running = server._running  # the server's side of the socket; nothing public shows it
         assert running is not None
@@ -109,7 +97,7 @@ async def test_accepted_sockets_let_the_kernel_drop_dead_peers(
     finally:
         writer.close()
     quiet = await start_server(ping_interval=20.0, ping_timeout=None)
-    _, writer = await _raw_client(quiet.port)
+    _, writer = await raw_websocket(quiet.port)
     try:
         running = quiet._running
         assert running is not None

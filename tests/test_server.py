@@ -34,6 +34,7 @@ from tests.conftest import (
     ServerFactory,
     SkillsDB,
     iso,
+    raw_websocket,
     url_of,
     wait_until,
 )
@@ -649,18 +650,6 @@ def test_bad_settings_fail_at_construction_naming_the_setting(
         RealTimeMetricsServer(**kwargs)
 
 
-async def _silent_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A client that completes the handshake and then never reads (so never answers pings)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 40 * UNIT)
-    assert head.startswith(b"HTTP/1.1 101")
-    return reader, writer
-
-
 async def test_keepalive_closes_a_silent_peer_and_keeps_a_live_one(
     start_server: ServerFactory, open_client: ClientFactory
 ) -> None:
@@ -668,7 +657,7 @@ async def test_keepalive_closes_a_silent_peer_and_keeps_a_live_one(
     after ping_interval + ping_timeout, while a client that answers stays connected."""
     server = await start_server(update_interval=60.0, ping_interval=0.2, ping_timeout=0.2)
     live = await open_client(url_of(server))
-    reader, writer = await _silent_client(server.port)
+    reader, writer = await raw_websocket(server.port)
     try:
         await wait_until(lambda: server.status()["client_count"] == 1, timeout=80 * UNIT)
         data = await asyncio.wait_for(reader.read(), 40 * UNIT)  # until the server hangs up

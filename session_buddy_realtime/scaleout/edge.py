@@ -35,12 +35,11 @@ from session_buddy_realtime.scaleout.link import (
     Backoff,
     Keys,
     RedisTimings,
-    connect,
-    describe_error,
     first_contact,
+    log_failure,
     new_identity,
     redacted_url,
-    wait_or_stop,
+    stay_connected,
 )
 from session_buddy_realtime.scaleout.received import Received
 from session_buddy_realtime.scaleout.watching import ALL, Watching
@@ -233,51 +232,47 @@ class RedisSource:
     # Following Redis
 
     async def _run(self) -> None:
-        from redis.exceptions import RedisError
+        await stay_connected(
+            self.url,
+            name=self.identity,
+            stopping=self._stopping,
+            backoff=self._backoff,
+            session=self._follow,
+            lost=self._lost,
+            failed=self._failed,
+        )
 
-        backoff = self._backoff
-        while not self._stopping.is_set():
-            client = connect(self.url, name=self.identity)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.keys.states, self.keys.replies(self.identity))
-                self._client = client
-                await self._accept_last(client)
-                if not self._connected:
-                    logger.info(
-                        "following %s on Redis %s", self.keys.states, redacted_url(self.url)
-                    )
-                self._connected, self._down_since = True, None
-                self._tried.set()
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(self._watching.announce(client, self._stopping))
-                    group.create_task(self._listen(client, pubsub))
-            except* (RedisError, OSError) as failure:
-                exc = failure.exceptions[0]
-                if describe_error(exc) != self._last_error:  # once per kind of trouble
-                    logger.warning(
-                        "Redis at %s: %s; clients are told so, retrying with backoff",
-                        redacted_url(self.url),
-                        describe_error(exc),
-                    )
-                self._last_error = describe_error(exc)
-                self._counts["reconnects"] += 1
-            except* Exception as failure:  # a fault of ours: logged, and the feed goes on
-                logger.error("edge feed failed; reconnecting", exc_info=failure.exceptions[0])
-                self._last_error = describe_error(failure.exceptions[0])
-                self._counts["reconnects"] += 1
-            finally:
-                if self._connected:
-                    self._down_since = time.monotonic()
-                self._connected, self._client = False, None
-                self._questions.fail_all()
-                self._tried.set()
-                self.arrivals.set()  # the clients hear of it at once, not at the next state
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await client.aclose()
-            if await wait_or_stop(self._stopping, backoff.next_delay()):
-                return
+    async def _follow(self, client: Redis) -> None:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.states, self.keys.replies(self.identity))
+            self._client = client
+            await self._accept_last(client)
+            if not self._connected:
+                logger.info("following %s on Redis %s", self.keys.states, redacted_url(self.url))
+            self._connected, self._down_since = True, None
+            self._tried.set()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._watching.announce(client, self._stopping))
+                group.create_task(self._listen(client, pubsub))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _lost(self, client: Redis) -> None:
+        if self._connected:
+            self._down_since = time.monotonic()
+        self._connected, self._client = False, None
+        self._questions.fail_all()
+        self._tried.set()
+        self.arrivals.set()  # the clients hear of it at once, not at the next state
+
+    def _failed(self, exc: BaseException, ours: bool) -> None:
+        self._last_error = log_failure(
+            self.url, exc, ours=ours, what="edge feed",
+            then="clients are told so, retrying with backoff", last=self._last_error,
+        )  # fmt: skip
+        self._counts["reconnects"] += 1
 
     async def _listen(self, client: Redis, pubsub: Any) -> None:
         replies = self.keys.replies(self.identity).encode()

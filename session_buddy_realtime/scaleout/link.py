@@ -8,12 +8,13 @@ the lease holder's envelopes ever reach the channel, whatever its clocks or paus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
@@ -33,9 +34,11 @@ __all__ = [
     "connect",
     "describe_error",
     "first_contact",
+    "log_failure",
     "new_identity",
     "redacted_url",
     "require_redis",
+    "stay_connected",
 ]
 
 logger = logging.getLogger(__name__)
@@ -319,6 +322,53 @@ def describe_error(exc: BaseException) -> str:
     """One line about a Redis failure, with no password in it."""
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+async def stay_connected(
+    url: str,
+    *,
+    name: str,
+    stopping: asyncio.Event,
+    backoff: Backoff,
+    session: Callable[[Redis], Awaitable[None]],
+    lost: Callable[[Redis], Awaitable[None]],
+    failed: Callable[[BaseException, bool], None],
+) -> None:
+    """Run ``session`` on a new client until ``stopping``, reconnecting with ``backoff``.
+
+    After each session ``lost`` runs (the client still open) and the client is closed; a
+    Redis or socket error goes to ``failed(exc, False)``, a fault of ours to
+    ``failed(exc, True)``: neither ends the loop.
+    """
+    from redis.exceptions import RedisError
+
+    while not stopping.is_set():
+        client = connect(url, name=name)
+        try:
+            await session(client)
+        except* (RedisError, OSError) as failure:
+            failed(failure.exceptions[0], False)
+        except* Exception as failure:
+            failed(failure.exceptions[0], True)
+        finally:
+            await lost(client)
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        if await wait_or_stop(stopping, backoff.next_delay()):
+            return
+
+
+def log_failure(
+    url: str, exc: BaseException, *, ours: bool, what: str, then: str, last: str | None
+) -> str:
+    """Log a failure of ``what``: a fault of ours with its traceback, a Redis one once per
+    kind (not when it is ``last`` again). Returns its one-line description."""
+    text = describe_error(exc)
+    if ours:
+        logger.error("%s failed; reconnecting", what, exc_info=exc)
+    elif text != last:
+        logger.warning("Redis at %s: %s; %s", redacted_url(url), text, then)
+    return text
 
 
 async def wait_or_stop(

@@ -29,11 +29,11 @@ from session_buddy_realtime.scaleout.link import (
     Keys,
     RedisTimings,
     as_text,
-    connect,
-    describe_error,
     first_contact,
+    log_failure,
     new_identity,
     redacted_url,
+    stay_connected,
     wait_or_stop,
 )
 
@@ -168,37 +168,32 @@ class Publisher:
     # The loop
 
     async def _run(self) -> None:
-        from redis.exceptions import RedisError
+        await stay_connected(
+            self.url,
+            name=self.identity,
+            stopping=self._stopping,
+            backoff=self._backoff,
+            session=self._connected_session,
+            lost=self._lost,
+            failed=self._failed,
+        )
 
-        backoff = self._backoff
-        while not self._stopping.is_set():
-            client = connect(self.url, name=self.identity)
-            try:
-                await client.ping()
-                self._connected = True
-                await self._serve(client)
-            except* (RedisError, OSError) as failure:
-                exc = failure.exceptions[0]
-                if describe_error(exc) != self._last_error:  # once per kind of trouble
-                    logger.warning(
-                        "Redis at %s: %s; retrying with backoff",
-                        redacted_url(self.url),
-                        describe_error(exc),
-                    )
-                self._last_error = describe_error(exc)
-                self._counts["reconnects"] += 1
-            except* Exception as failure:  # a fault of ours: logged, and publishing goes on
-                logger.error("publisher failed; reconnecting", exc_info=failure.exceptions[0])
-                self._last_error = describe_error(failure.exceptions[0])
-                self._counts["reconnects"] += 1
-            finally:
-                self._connected = False
-                self._held_epoch = None
-                await self._release(client)
-                await self._drain_requests()
-                await client.aclose()
-            if await wait_or_stop(self._stopping, backoff.next_delay()):
-                return
+    async def _connected_session(self, client: Redis) -> None:
+        await client.ping()
+        self._connected = True
+        await self._serve(client)
+
+    async def _lost(self, client: Redis) -> None:
+        self._connected, self._held_epoch = False, None
+        await self._release(client)
+        await self._drain_requests()
+
+    def _failed(self, exc: BaseException, ours: bool) -> None:
+        self._last_error = log_failure(
+            self.url, exc, ours=ours, what="publisher", then="retrying with backoff",
+            last=self._last_error,
+        )  # fmt: skip
+        self._counts["reconnects"] += 1
 
     async def _serve(self, client: Redis) -> None:
         async with asyncio.TaskGroup() as group:
