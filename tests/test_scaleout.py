@@ -60,6 +60,19 @@ def _payload(update: dict[str, Any]) -> tuple[Any, Any]:
     return update["data"], update["source"]
 
 
+def _producer_and_edge(
+    db: SkillsDB, url: str
+) -> tuple[RealTimeMetricsServer, RealTimeMetricsServer]:
+    """A producer of ``db`` and an edge on the Redis at ``url``, not started."""
+    producer = RealTimeMetricsServer(
+        "127.0.0.1", 0, db.path, INTERVAL, redis_url=url, redis_timings=FAST
+    )
+    edge = RealTimeMetricsServer(
+        "127.0.0.1", 0, update_interval=INTERVAL, redis_url=url, edge=True, redis_timings=FAST
+    )
+    return producer, edge
+
+
 async def _last_envelope(redis_server: RedisProcess) -> bytes:
     """The last state the producer published (once it has published one)."""
     redis = redis_server.cli()
@@ -398,14 +411,7 @@ async def test_password_protected_redis(
     password fails the start naming redis_url, without the password."""
     pytest.importorskip("redis")
     with running_redis(tmp_path, acl_user=("realtime", "s3cret-pass")) as redis_server:
-        producer = RealTimeMetricsServer(
-            "127.0.0.1", 0, ranked_db.path, INTERVAL, redis_url=redis_server.url,
-            redis_timings=FAST,
-        )  # fmt: skip
-        edge = RealTimeMetricsServer(
-            "127.0.0.1", 0, update_interval=INTERVAL, redis_url=redis_server.url, edge=True,
-            redis_timings=FAST,
-        )  # fmt: skip
+        producer, edge = _producer_and_edge(ranked_db, redis_server.url)
         async with producer, edge:
             client = await open_client(url_of(edge))
             await client.send_json({"type": "subscribe", "skill": "skill-12"})
@@ -444,14 +450,7 @@ async def test_redis_over_tls(
     authority.cert_pem.write_to_path(files[2])
     with running_redis(tmp_path, tls=files) as redis_server:
         assert redis_server.url.startswith("rediss://")
-        producer = RealTimeMetricsServer(
-            "127.0.0.1", 0, ranked_db.path, INTERVAL, redis_url=redis_server.url,
-            redis_timings=FAST,
-        )  # fmt: skip
-        edge = RealTimeMetricsServer(
-            "127.0.0.1", 0, update_interval=INTERVAL, redis_url=redis_server.url, edge=True,
-            redis_timings=FAST,
-        )  # fmt: skip
+        producer, edge = _producer_and_edge(ranked_db, redis_server.url)
         async with producer, edge:
             client = await open_client(url_of(edge))
             update = await update_where(client, lambda u: u["source"]["state"] == "ok")
@@ -464,13 +463,7 @@ async def test_unreachable_redis_at_start_is_not_fatal(
     """With nothing on the Redis port, a producer serves its own clients and an edge says
     ``unavailable``; when Redis comes up there, both connect by themselves."""
     redis_server = RedisProcess(tmp_path)
-    producer = RealTimeMetricsServer(
-        "127.0.0.1", 0, ranked_db.path, INTERVAL, redis_url=redis_server.url, redis_timings=FAST
-    )
-    edge = RealTimeMetricsServer(
-        "127.0.0.1", 0, update_interval=INTERVAL, redis_url=redis_server.url, edge=True,
-        redis_timings=FAST,
-    )  # fmt: skip
+    producer, edge = _producer_and_edge(ranked_db, redis_server.url)
     try:
         async with producer, edge:
             local, remote = await open_client(url_of(producer)), await open_client(url_of(edge))

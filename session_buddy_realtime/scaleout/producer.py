@@ -259,7 +259,7 @@ class Publisher:
         limit = wire.MAX_WATCHED + 1
         members = [as_text(m) for m in await client.eval(WATCHED, 1, self.keys.watch, limit)]
         names = [m.removeprefix("skill:") for m in members if m.startswith("skill:")]
-        skills = {name for name in names if _valid_skill(name)}
+        skills = {name for name in names if wire.is_skill_name(name)}
         self._watched = len(skills)
         if self.ticks is not None:
             self.ticks.watched_elsewhere = frozenset(skills)  # the next tick reads them too
@@ -371,11 +371,3 @@ class Publisher:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await client.eval(RELEASE_LEASE, 1, self.keys.lease, self.identity)
-
-
-def _valid_skill(name: str) -> bool:
-    try:
-        wire.skill_set([name])
-    except wire.WireError:
-        return False
-    return True

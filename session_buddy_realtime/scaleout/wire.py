@@ -16,7 +16,7 @@ envelope reaches a client.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -51,9 +51,9 @@ __all__ = [
     "encode_state",
     "history_body",
     "history_from_body",
+    "is_skill_name",
     "names_body",
     "names_from_body",
-    "skill_set",
     "snapshot_from_body",
     "state_body",
 ]
@@ -363,6 +363,10 @@ def _stamp(envelope: Mapping[str, Any]) -> Stamp:
     )
 
 
-def skill_set(names: Iterable[str]) -> frozenset[str]:
-    """``names`` as a set, each checked as a skill name."""
-    return frozenset(checks.skill(name) for name in names)
+def is_skill_name(name: str) -> bool:
+    """True when ``name`` follows the protocol's skill-name rules."""
+    try:
+        checks.skill(name)
+    except WireError:
+        return False
+    return True
