@@ -22,11 +22,8 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError, ServerStartError
-from session_buddy_realtime.stream.gate import (
-    HandshakeGate,
-    listen_backlog,
-    tracking_connection_class,
-)
+from session_buddy_realtime.stream.connection import tracking_connection_class
+from session_buddy_realtime.stream.gate import HandshakeGate, listen_backlog
 from session_buddy_realtime.stream.security import redacting_logger
 
 __all__ = ["HttpRouter", "Route", "http_response", "listen", "listener_urls"]

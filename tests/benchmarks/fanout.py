@@ -297,7 +297,7 @@ async def _server_main(kind: str, port: int, db: Path, interval: float) -> None:
     ticks = TickLog()
     stopper: Callable[[], Any]
     status: Callable[[], dict[str, Any]]
-    if kind == "ours":
+    if kind in ("ours", "ours-uvloop"):
         server = await _serve_ours(port, db, interval, ticks)
         port = server.port
         stopper = server.stop
@@ -916,7 +916,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-KINDS = ("baseline", "ours", "node", "floor")
+KINDS = ("baseline", "ours", "ours-uvloop", "node", "floor")
 """Every server kind, in the order of the report."""
 
 
@@ -1191,9 +1191,15 @@ def _goal_printer() -> Callable[[str, bool | None], None]:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_server":
-        asyncio.run(
-            _server_main(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5]))
+        server_main = _server_main(
+            sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
         )
+        if sys.argv[2].endswith("-uvloop"):
+            import uvloop
+
+            uvloop.run(server_main)
+        else:
+            asyncio.run(server_main)
     elif len(sys.argv) > 1 and sys.argv[1] == "_swarm":
         asyncio.run(
             _swarm_main(
