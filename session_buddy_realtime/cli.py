@@ -19,6 +19,7 @@ from session_buddy_realtime.errors import ConfigError, RealtimeError
 from session_buddy_realtime.host import launcher
 from session_buddy_realtime.host.settings import load_settings
 from session_buddy_realtime.host.stdio import run_stdio
+from session_buddy_realtime.runtime import tune_collector
 from session_buddy_realtime.scaleout.link import check_prefix, check_redis_url, redacted_url
 from session_buddy_realtime.stream.security import RedactSecrets, redact
 from session_buddy_realtime.stream.server import DEFAULT_DB_PATH, RealTimeMetricsServer
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("serve", "edge"):
             _configure_logging(args.log_level)
+            tune_collector()
             return asyncio.run(_serve(args))
         if args.command == "mcp":
             # stdout carries the protocol: logs go to stderr, nothing is printed.

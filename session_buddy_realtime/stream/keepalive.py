@@ -78,21 +78,25 @@ class Keepalive:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(step):
                     await stopping.wait()
-            now = time.monotonic()
-            # Updates at least once per ping interval (an edge's at most 1.5 intervals
-            # apart) keep a subscriber's connection checked by the kernel.
-            fed = self.timeout is not None and 1.5 * hub.interval < self.interval
-            for session in list(hub.sessions.values()):
-                if fed and session.subscribed:
-                    session.ping_due = max(session.ping_due, now + self.interval)
-                    continue
-                try:
-                    await self._ping_one(session, now)
-                except ConnectionClosed:
-                    continue
-                except Exception as exc:  # one connection's trouble must not end keepalive
-                    hub.stats.record_error(f"keepalive: {exc!r}")
-                    logger.exception("keepalive failed for %s", session.remote)
+            await self.check(time.monotonic())
+
+    async def check(self, now: float) -> None:
+        """One pass over the sessions: ping whoever is due, close whoever stayed silent."""
+        hub = self._hub
+        # Updates at least once per ping interval (an edge's at most 1.5 intervals
+        # apart) keep a subscriber's connection checked by the kernel.
+        fed = self.timeout is not None and 1.5 * hub.interval < self.interval
+        for session in list(hub.sessions.values()):
+            if fed and session.subscribed:
+                session.ping_due = max(session.ping_due, now + self.interval)
+                continue
+            try:
+                await self._ping_one(session, now)
+            except ConnectionClosed:
+                continue
+            except Exception as exc:  # one connection's trouble must not end keepalive
+                hub.stats.record_error(f"keepalive: {exc!r}")
+                logger.exception("keepalive failed for %s", session.remote)
 
     async def _ping_one(self, session: Subscriber, now: float) -> None:
         connection = session.connection

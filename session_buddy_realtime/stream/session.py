@@ -132,7 +132,9 @@ class ClientSession(Subscriber):
             await self.reply(welcome)
             if not self.subscribed and not await self._authenticate():
                 return
-            async for message in connection:
+            # recv() in a loop rather than ``async for``: no async generator kept per client.
+            while True:
+                message = await connection.recv()
                 if await self._admit():
                     await self.handle(message)
         except ConnectionClosed:
@@ -209,7 +211,8 @@ class ClientSession(Subscriber):
         """Serve only ``auth`` until the client authenticates; close it (4001) otherwise."""
         try:
             async with asyncio.timeout(self.policy.auth_timeout):
-                async for message in self.connection:
+                while True:
+                    message = await self.connection.recv()
                     if not await self._admit():
                         continue
                     # Everything but a valid auth gets not_authenticated (or closes 4001).

@@ -297,7 +297,11 @@ async def _server_main(kind: str, port: int, db: Path, interval: float) -> None:
     ticks = TickLog()
     stopper: Callable[[], Any]
     status: Callable[[], dict[str, Any]]
-    if kind in ("ours", "ours-uvloop"):
+    if kind.startswith("ours"):
+        if kind != "ours-host":
+            from session_buddy_realtime.runtime import tune_collector
+
+            tune_collector()  # as ``serve`` and ``edge`` do; a host keeps its own settings
         server = await _serve_ours(port, db, interval, ticks)
         port = server.port
         stopper = server.stop
@@ -916,7 +920,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-KINDS = ("baseline", "ours", "ours-uvloop", "node", "floor")
+KINDS = ("baseline", "ours", "ours-host", "ours-uvloop", "node", "floor")
 """Every server kind, in the order of the report."""
 
 
