@@ -8,6 +8,8 @@ import struct
 from collections.abc import Set
 from typing import Any
 
+from websockets.exceptions import ConnectionClosedOK
+from websockets.frames import Close
 from websockets.protocol import State
 
 from session_buddy_realtime.data.source import (
@@ -170,11 +172,9 @@ class FakeConnection:
         self.closed = (code, reason)
         self.state = self.protocol.state = State.CLOSED
 
-    def __aiter__(self) -> FakeConnection:
-        return self
-
-    async def __anext__(self) -> str:
+    async def recv(self) -> str:
         await asyncio.sleep(0)
         if self.closed is not None or not self._incoming:
-            raise StopAsyncIteration
+            # As the library's: the end of a connection closed normally.
+            raise ConnectionClosedOK(Close(1000, ""), Close(1000, ""), rcvd_then_sent=True)
         return self._incoming.pop(0)
