@@ -409,3 +409,44 @@ async def test_stop_is_not_held_up_by_a_read_waiting_on_a_lock(
         holder.close()
         await server.stop()
     assert elapsed < 0.2 + 1.0 + 1.0, f"stop() took {elapsed:.2f} s"  # SQLite alone: 5 s
+
+
+async def test_a_storm_of_connections_waits_in_the_kernel_queue_while_the_loop_is_busy(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """300 clients that connect at once while the server's event loop is busy (nothing is
+    being accepted) all get through the TCP handshake at once, queued by the kernel,
+    instead of having their SYNs dropped beyond the accept batch and retried a second or
+    more later (a reconnect storm after a restart)."""
+    server = await start_server()
+    expected = min(300, _kernel_listen_cap())
+    sockets = [socket.socket() for _ in range(300)]
+    try:
+        # No await from here on: the loop accepts nothing while the clients connect.
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", server.port))
+        poller = select.poll()
+        for sock in sockets:
+            poller.register(sock, select.POLLOUT)
+        connected: set[int] = set()
+        deadline = time.monotonic() + 0.8  # the first SYN retry comes after 1 s
+        while len(connected) < len(sockets) and time.monotonic() < deadline:
+            for fd, _ in poller.poll(50):
+                poller.unregister(fd)
+                connected.add(fd)
+        established = sum(
+            1
+            for sock in sockets
+            if sock.fileno() in connected
+            and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        )
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert established >= expected, f"only {established} of 300 got through the handshake"
+
+
+def _kernel_listen_cap() -> int:
+    """``net.core.somaxconn``: no listen backlog is longer."""
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())

@@ -126,7 +126,7 @@ async def test_serve_welcomes_then_answers_until_the_connection_ends() -> None:
     incoming message in order, and returns when the messages end."""
     session, connection, _ = _session(incoming=['{"type": "ping"}', '{"type": "unsubscribe"}'])
     await session.serve(preauthenticated=False)
-    replies = _valid(connection.sent)
+    replies = _valid(connection.transport.frames() + connection.sent)
     assert [m["type"] for m in replies] == ["connected", "pong", "unsubscribed"]
     assert replies[0]["update_interval"] == 1.0
     assert replies[0]["auth_required"] is False

@@ -9,6 +9,7 @@ WebSocket is open, lets go of what only the handshake needed (``settle``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -17,15 +18,25 @@ from typing import Any, Final, cast
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from session_buddy_realtime.stream.gate import SEND_BUFFER_BYTES, ConnectionRegistry
 
-__all__ = ["tracking_connection_class"]
+__all__ = ["text_frame", "tracking_connection_class"]
 
 _NO_HEADERS: Final = Headers()
 """The headers of every open connection's request: nothing reads them after the upgrade
 (the library only checks that a request was received), so none of them is kept."""
+
+
+def text_frame(text: str) -> bytes:
+    """One unmasked, unfragmented text frame, as the server side sends it.
+
+    Written straight to a transport, it is what the library's own send would write:
+    server frames are unmasked and, with compression off, no extension alters them.
+    """
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
 
 
 def settle(connection: ServerConnection) -> None:
@@ -85,6 +96,9 @@ def tracking_connection_class(
             # proxy); every connection can share the listener's own.
             shared = cast(logging.LoggerAdapter[logging.Logger], self.protocol.logger).logger
             self.logger = self.protocol.logger = shared
+            # Only appended to, removed from and iterated: a list does that in 56 bytes,
+            # where the library's deque takes 760 for every connection.
+            self.drain_waiters = cast("collections.deque[asyncio.Future[None]]", [])
 
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             await super().handshake(*args, **kwargs)

@@ -38,6 +38,7 @@ from session_buddy_realtime.stream.security import (
 )
 
 __all__ = [
+    "PENDING_BACKLOG",
     "SEND_BUFFER_BYTES",
     "ConnectionRegistry",
     "HandshakeGate",
@@ -279,6 +280,12 @@ def listen_backlog() -> int:
     a smaller batch keeps a flood of connections inside the open-file limit.
     """
     return min(100, max(16, _soft_file_limit() // 16))
+
+
+PENDING_BACKLOG: Final = 4096
+"""The kernel's queue of connections not yet accepted (capped by ``net.core.somaxconn``):
+a reconnect storm of thousands waits there instead of having its SYNs dropped and
+retried seconds later. It holds no file of ours."""
 
 
 def _usable_files() -> int:

@@ -15,10 +15,9 @@ import math
 import time
 from collections.abc import Awaitable, Set
 from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from websockets.asyncio.server import Server, ServerConnection
-from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from session_buddy_realtime.data.source import MetricsSnapshot, Source
@@ -28,6 +27,7 @@ from session_buddy_realtime.protocol import (
     subscription_confirmed_message,
 )
 from session_buddy_realtime.stream.closing import close_listener
+from session_buddy_realtime.stream.connection import text_frame
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
 from session_buddy_realtime.stream.stats import StreamStats
 from session_buddy_realtime.stream.waits import first_of, unless_set
@@ -159,10 +159,10 @@ class Hub(Generic[S]):
         known: bool | None = None
         if skill is not None and (snapshot.skills.get(skill) is not None or snapshot.fresh):
             known = snapshot.skills.get(skill) is not None
-        confirmation = _text_frame(
+        confirmation = text_frame(
             encode(subscription_confirmed_message(timestamp=timestamp, skill=skill, known=known))
         )
-        first_update = _text_frame(encode(snapshot.update(skill, timestamp)))
+        first_update = text_frame(encode(snapshot.update(skill, timestamp)))
         # Both frames are written before anything else can run, so the confirmation
         # always precedes the snapshot and every later update.
         session.subscribed, session.skill = True, skill
@@ -171,6 +171,14 @@ class Hub(Generic[S]):
             connection.transport.write(confirmation + first_update)
             session.messages_sent += 2
             self.stats.messages_sent += 2
+
+    def send_now(self, session: S, message: dict[str, Any]) -> None:
+        """Write one message at once, as the ticks do, to a connection with nothing waiting
+        yet (its welcome): cheaper than the library's awaited send."""
+        if session.connection.protocol.state is State.OPEN:
+            session.connection.transport.write(text_frame(encode(message)))
+            session.messages_sent += 1
+            self.stats.messages_sent += 1
 
     def unsubscribe(self, session: S) -> None:
         """Stop updates to ``session`` (it stays connected)."""
@@ -243,11 +251,13 @@ class Hub(Generic[S]):
         now = time.monotonic()
         limit = self.max_buffered_bytes
         for session in self.sessions.values():
-            connection = session.connection
-            if connection.state is State.CLOSING:
-                self._drop_if_lingering(session, now)
-            elif session.subscribed:
+            # Subscribers first, with no other check: their state is _deliver's.
+            if session.subscribed:
                 groups.setdefault(session.skill, []).append(session)
+                continue
+            connection = session.connection
+            if connection.protocol.state is State.CLOSING:
+                self._drop_if_lingering(session, now)
             elif connection.transport.get_write_buffer_size() > limit:
                 # Not subscribed, yet not reading what it is sent (replies, pongs).
                 backed_up.append(session)
@@ -269,7 +279,7 @@ class Hub(Generic[S]):
             # One group's failure (a payload that cannot be encoded, say) must not cost
             # the other groups their update.
             try:
-                frame = _text_frame(encode(snapshot.update(skill, timestamp)))
+                frame = text_frame(encode(snapshot.update(skill, timestamp)))
                 self._deliver(skill, members, frame)
             except Exception as exc:
                 self._group_failed(skill, exc)
@@ -307,7 +317,10 @@ class Hub(Generic[S]):
             # Skip whoever left or changed subscription while the tick read the source.
             if not session.subscribed or session.skill != skill:
                 continue
-            if connection.protocol.state is not State.OPEN:
+            state = connection.protocol.state
+            if state is not State.OPEN:
+                if state is State.CLOSING:
+                    self._drop_if_lingering(session, now)
                 continue
             transport = connection.transport
             if transport.get_write_buffer_size() > limit:
@@ -383,8 +396,3 @@ class Hub(Generic[S]):
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.sessions.clear()
         self._has_sessions.clear()
-
-
-def _text_frame(text: str) -> bytes:
-    """One unmasked, unfragmented text frame, as the server side sends it."""
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import email.utils
 import errno
 import http
+import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
@@ -23,7 +25,7 @@ from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError, ServerStartError
 from session_buddy_realtime.stream.connection import tracking_connection_class
-from session_buddy_realtime.stream.gate import HandshakeGate, listen_backlog
+from session_buddy_realtime.stream.gate import PENDING_BACKLOG, HandshakeGate, listen_backlog
 from session_buddy_realtime.stream.security import redacting_logger
 
 __all__ = ["HttpRouter", "Route", "http_response", "listen", "listener_urls"]
@@ -156,7 +158,7 @@ async def listen(
         ServerStartError: anything else that prevents listening.
     """
     try:
-        return await serve(
+        listener = await serve(
             handler,
             host.strip("[]"),
             port,
@@ -184,6 +186,17 @@ async def listen(
                 f"port or stop the process that holds it"
             ) from exc
         raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    _widen_pending_queue(listener)
+    return listener
+
+
+def _widen_pending_queue(listener: Server) -> None:
+    """Let the kernel queue ``PENDING_BACKLOG`` connections while asyncio accepts them in
+    batches of ``listen_backlog()`` (asyncio uses one number for both)."""
+    for wrapped in listener.sockets:
+        # listen() again on the same socket, through a duplicate of its descriptor.
+        with socket.socket(fileno=os.dup(wrapped.fileno())) as sock:
+            sock.listen(PENDING_BACKLOG)
 
 
 def _is_upgrade(request: Request) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -324,17 +324,17 @@ class RealTimeMetricsServer:
         """Forget a client; harmless if it is unknown."""
         self._hub.remove(websocket)
 
-    async def client_handler(self, websocket: ServerConnection) -> None:
-        """Serve one connection (``ClientSession.serve``) from welcome to close."""
+    def client_handler(self, websocket: ServerConnection) -> Awaitable[None]:
+        """Serve one connection (``ClientSession.serve``) from welcome to close.
+
+        Returns the session's own coroutine (no frame of ours kept per client); the
+        session leaves the hub when it ends.
+        """
         session = self.register_client(websocket)
         running = self._running
-        try:
-            await session.serve(
-                preauthenticated=running is not None
-                and websocket in running.registry.preauthenticated
-            )
-        finally:
-            self.unregister_client(websocket)
+        return session.serve(
+            preauthenticated=running is not None and websocket in running.registry.preauthenticated
+        )
 
     async def handle_client_message(
         self, websocket: ServerConnection, message: str | bytes

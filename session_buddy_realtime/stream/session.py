@@ -114,7 +114,7 @@ class ClientSession(Subscriber):
         """Welcome the client, authenticate it if required, then answer its messages.
 
         Messages over the rate limit get one ``rate_limited`` error; a client that keeps
-        going is closed with 1008. Returns when the connection closes.
+        going is closed with 1008. Returns when the connection closes, after leaving the hub.
         """
         connection = self.connection
         try:
@@ -129,7 +129,7 @@ class ClientSession(Subscriber):
                 authenticated=self.authenticated,
                 auth_required=self.policy.token is not None,
             )
-            await self.reply(welcome)
+            self.hub.send_now(self, welcome)
             if not self.subscribed and not await self._authenticate():
                 return
             # recv() in a loop rather than ``async for``: no async generator kept per client.
@@ -139,6 +139,8 @@ class ClientSession(Subscriber):
                     await self.handle(message)
         except ConnectionClosed:
             pass
+        finally:
+            self.hub.remove(connection)
 
     async def handle(self, message: str | bytes) -> None:
         """Answer one client message; bad input gets an ``error`` reply, never a close."""

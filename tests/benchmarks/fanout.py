@@ -110,9 +110,15 @@ class TickLog:
         return wrapper
 
 
-async def _serve_ours(port: int, db: Path, interval: float, ticks: TickLog) -> Any:
+async def _serve_ours(
+    port: int, db: Path, interval: float, ticks: TickLog, keepalive: TickLog
+) -> Any:
     from session_buddy_realtime import RealTimeMetricsServer
     from session_buddy_realtime.stream.hub import Hub
+    from session_buddy_realtime.stream.keepalive import Keepalive
+
+    # Each keepalive pass, timed: its share of the CPU per tick is one of the goals.
+    Keepalive.check = keepalive.timed(Keepalive.check)  # type: ignore[method-assign]
 
     original = Hub._tick
 
@@ -294,7 +300,7 @@ async def _server_main(kind: str, port: int, db: Path, interval: float) -> None:
     _raise_file_limit()
     # The baseline's library logs a traceback per client it drops; the table is the output.
     logging.getLogger("websockets").setLevel(logging.CRITICAL)
-    ticks = TickLog()
+    ticks, keepalive = TickLog(), TickLog()
     stopper: Callable[[], Any]
     status: Callable[[], dict[str, Any]]
     if kind.startswith("ours"):
@@ -302,7 +308,7 @@ async def _server_main(kind: str, port: int, db: Path, interval: float) -> None:
             from session_buddy_realtime.runtime import tune_collector
 
             tune_collector()  # as ``serve`` and ``edge`` do; a host keeps its own settings
-        server = await _serve_ours(port, db, interval, ticks)
+        server = await _serve_ours(port, db, interval, ticks, keepalive)
         port = server.port
         stopper = server.stop
 
@@ -348,12 +354,16 @@ async def _server_main(kind: str, port: int, db: Path, interval: float) -> None:
         command = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
         if command == "stats":
             counters = status()  # first, so that its own cost is outside the window
+            timed_keepalive = (
+                {"keepalive": list(keepalive.durations)} if kind.startswith("ours") else {}
+            )
             print(
                 json.dumps(
                     {
                         "cpu": _cpu_seconds(),
                         "rss": _rss_bytes(),
                         "ticks": list(ticks.durations),
+                        **timed_keepalive,
                         **counters,
                     }
                 ),
@@ -826,6 +836,7 @@ def measure(
         swarm.send("quit")
         ticks = after["ticks"][len(before["ticks"]) :]
         cpu = after["cpu"] - before["cpu"]
+        passes = after.get("keepalive", [])[len(before.get("keepalive", [])) :]
         sample = result.get("sample")
         return {
             "kind": kind,
@@ -836,6 +847,11 @@ def measure(
             "cpu_percent": 100 * cpu / wall,
             "cpu_per_tick_ms": 1000 * cpu / max(len(ticks), 1),
             "broadcast_ms": 1000 * statistics.median(ticks) if ticks else None,
+            # Wall time of the keepalive passes per tick (one task, no await inside a pass
+            # when nobody is due a ping): a bound on its CPU; None for the other servers.
+            "keepalive_ms_per_tick": 1000 * sum(passes) / max(len(ticks), 1)
+            if "keepalive" in after
+            else None,
             "latency_p50_ms": _ms(result["latency_p50"]),
             "latency_p99_ms": _ms(result["latency_p99"]),
             "gap_max_ms": _ms(result["gap_max"]),
@@ -1025,6 +1041,7 @@ def report(
         "stop_ms",
         "cpu_per_handshake_us",
         "connect_ms",
+        "keepalive_ms_per_tick",
     ]
     print(f"{'N':>6} {'server':9}" + "".join(f"{c:>21}" for c in columns) + f"{'held':>8}")
     table: dict[tuple[str, int], dict[str, Any]] = {}
@@ -1060,6 +1077,11 @@ def report(
             ("ours/node connect", "ours", "node", "connect_ms"),
             ("ours/node stop()", "ours", "node", "stop_ms"),
             ("ours/node p99", "ours", "node", "latency_p99_ms"),
+        ]
+    if "node" in measured and "ours-host" in measured:
+        ratio_columns += [
+            ("ours-host/node CPU/tick", "ours-host", "node", "cpu_per_tick_ms"),
+            ("ours-host/node CPU/handshake", "ours-host", "node", "cpu_per_handshake_us"),
         ]
     print(f"\n{'N':>6} {'ratios':9}" + "".join(f"{c[0]:>25}" for c in ratio_columns))
     for size in sizes:
@@ -1122,6 +1144,14 @@ def report(
             goal(f"{label} at {size}: ours <= node", _at_most(ratio("ours", "node", size, key), 1))
         admitted = table["ours", size]["admitted"] if ("ours", size) in table else None
         goal(f"every one of {size} clients admitted ({in_flight})", admitted)
+    for size in (s for s in sizes if s >= 10_000 and ("ours", s) in table):
+        row = table["ours", size]
+        share = _ratio(row["keepalive_ms_per_tick"], row["cpu_per_tick_ms"])
+        goal(
+            f"keepalive <= 5 % of the CPU per tick at {size} "
+            f"({_fmt(None if share is None else 100 * share, 2)} %)",
+            _at_most(share, 0.05),
+        )
     for size in sizes if "floor" in measured else ():
         goal(
             f"tick-to-receive p99 at {size}: within 1.2x of the floor's",
