@@ -151,6 +151,9 @@ class FakeTransport:
 class FakeProtocol:
     state = State.OPEN
 
+    def data_to_send(self) -> list[bytes]:
+        return []
+
 
 class FakeConnection:
     """What a session and the hub use of a ServerConnection, without a socket."""

@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import threading
 import time
+from asyncio import selector_events
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -670,3 +671,25 @@ async def test_keepalive_closes_a_silent_peer_and_keeps_a_live_one(
         assert described["messages_sent"] >= 2
     finally:
         writer.close()
+
+
+async def test_the_welcome_leaves_in_the_same_write_as_the_handshake_response(
+    ranked_db: SkillsDB, start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server writes its 101 response and the ``connected`` message with one
+    transport write (one segment, one system call), and the client still reads them as
+    the handshake and then the welcome."""
+    writes: list[bytes] = []
+    original = selector_events._SelectorSocketTransport.write
+
+    def recording(self: Any, data: bytes) -> None:
+        writes.append(bytes(data))
+        original(self, data)
+
+    monkeypatch.setattr(selector_events._SelectorSocketTransport, "write", recording)
+    server = await start_server()
+    async with connect(url_of(server)) as client:
+        welcome = json.loads(await client.recv())
+    assert welcome["type"] == "connected"
+    first = next(data for data in writes if data.startswith(b"HTTP/1.1 101"))
+    assert b'"type":"connected"' in first, "the welcome went out in a write of its own"

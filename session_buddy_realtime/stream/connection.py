@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import socket
 import ssl
@@ -23,7 +22,7 @@ from websockets.protocol import State
 
 from session_buddy_realtime.stream.gate import SEND_BUFFER_BYTES, ConnectionRegistry
 
-__all__ = ["text_frame", "tracking_connection_class"]
+__all__ = ["socket_options", "text_frame", "tracking_connection_class", "write_first"]
 
 _NO_HEADERS: Final = Headers()
 """The headers of every open connection's request: nothing reads them after the upgrade
@@ -39,6 +38,14 @@ def text_frame(text: str) -> bytes:
     return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
 
 
+def write_first(connection: ServerConnection, frame: bytes) -> None:
+    """Write ``frame`` as the first message of an open connection, in one write with the
+    handshake's response when the connection still holds it: one segment, one system
+    call, where two would each wake the client."""
+    held = b"".join(connection.protocol.data_to_send())
+    connection.transport.write(held + frame if held else frame)
+
+
 def settle(connection: ServerConnection) -> None:
     """Let an open connection go of its handshake's headers and response.
 
@@ -51,7 +58,14 @@ def settle(connection: ServerConnection) -> None:
     connection.response = None
 
 
-def _socket_options(dead_peer: tuple[float, float] | None) -> list[tuple[int, int, int]]:
+def socket_options(dead_peer: tuple[float, float] | None) -> list[tuple[int, int, int]]:
+    """The options of every accepted socket, set once on the listening socket (Linux
+    copies them to each connection it accepts, which saves six system calls per accept).
+
+    The kernel send buffer is capped at ``SEND_BUFFER_BYTES``. With ``dead_peer``
+    (keepalive interval, timeout), the kernel gives up on a peer that acknowledges
+    nothing for that long (``TCP_USER_TIMEOUT``, and TCP keepalive while idle).
+    """
     options = [(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
     if dead_peer is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
         interval, timeout = dead_peer
@@ -72,19 +86,15 @@ def tracking_connection_class(
     *,
     tls: ssl.SSLContext | None = None,
     tls_timeout: float = 5.0,
-    dead_peer: tuple[float, float] | None = None,
 ) -> type[ServerConnection]:
     """A ServerConnection that enters ``registry`` on accept and leaves on close.
 
-    Its kernel send buffer is capped at ``SEND_BUFFER_BYTES``, and it is dropped when the
-    peer sends data (a ping frame each time, say) while ``write_limit`` bytes are waiting
-    for it: a client that does not read cannot make the server queue replies for ever.
-    With ``tls``, the TLS handshake runs here, after the socket is counted: sockets still
-    in their TLS handshake count against the caps like any other. With ``dead_peer``
-    (keepalive interval, timeout), the kernel gives up on a peer that acknowledges
-    nothing for that long (``TCP_USER_TIMEOUT``, and TCP keepalive while idle).
+    It is dropped when the peer sends data (a ping frame each time, say) while
+    ``write_limit`` bytes are waiting for it: a client that does not read cannot make the
+    server queue replies for ever. With ``tls``, the TLS handshake runs here, after the
+    socket is counted: sockets still in their TLS handshake count against the caps like
+    any other. Its socket options are the listening socket's (``socket_options``).
     """
-    options = _socket_options(dead_peer)
 
     class TrackedConnection(ServerConnection):
         early: list[bytes] | None = None
@@ -100,17 +110,25 @@ def tracking_connection_class(
             # where the library's deque takes 760 for every connection.
             self.drain_waiters = cast("collections.deque[asyncio.Future[None]]", [])
 
+        handshaking = False
+
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
-            await super().handshake(*args, **kwargs)
+            self.handshaking = True
+            try:
+                await super().handshake(*args, **kwargs)
+            finally:
+                self.handshaking = False
             if self.protocol.state is State.OPEN:
                 settle(self)
 
+        def send_data(self) -> None:
+            # The 101 response stays queued in the protocol: the welcome takes it along
+            # (``write_first``), or the next send does. A refusal goes out at once.
+            if self.handshaking and self.protocol.state is State.OPEN:
+                return
+            super().send_data()
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    for level, name, value in options:
-                        sock.setsockopt(level, name, value)
             if tls is None:
                 super().connection_made(transport)
                 registry.add(self)

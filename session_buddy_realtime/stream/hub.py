@@ -27,7 +27,7 @@ from session_buddy_realtime.protocol import (
     subscription_confirmed_message,
 )
 from session_buddy_realtime.stream.closing import close_listener
-from session_buddy_realtime.stream.connection import text_frame
+from session_buddy_realtime.stream.connection import text_frame, write_first
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
 from session_buddy_realtime.stream.stats import StreamStats
 from session_buddy_realtime.stream.waits import first_of, unless_set
@@ -172,11 +172,11 @@ class Hub(Generic[S]):
             session.messages_sent += 2
             self.stats.messages_sent += 2
 
-    def send_now(self, session: S, message: dict[str, Any]) -> None:
-        """Write one message at once, as the ticks do, to a connection with nothing waiting
-        yet (its welcome): cheaper than the library's awaited send."""
+    def send_first(self, session: S, message: dict[str, Any]) -> None:
+        """Write a connection's first message (its welcome) at once, as the ticks write,
+        together with the handshake's response (``write_first``)."""
         if session.connection.protocol.state is State.OPEN:
-            session.connection.transport.write(text_frame(encode(message)))
+            write_first(session.connection, text_frame(encode(message)))
             session.messages_sent += 1
             self.stats.messages_sent += 1
 

@@ -10,6 +10,7 @@ HEAD (the same headers, no body); other methods get 405.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import errno
 import http
@@ -24,7 +25,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError, ServerStartError
-from session_buddy_realtime.stream.connection import tracking_connection_class
+from session_buddy_realtime.stream.connection import socket_options, tracking_connection_class
 from session_buddy_realtime.stream.gate import PENDING_BACKLOG, HandshakeGate, listen_backlog
 from session_buddy_realtime.stream.security import redacting_logger
 
@@ -172,7 +173,7 @@ async def listen(
             close_timeout=close_timeout,
             # TLS is done by the connection class, after the socket is counted.
             create_connection=tracking_connection_class(
-                router.gate.registry, tls=ssl_context, tls_timeout=open_timeout, dead_peer=dead_peer
+                router.gate.registry, tls=ssl_context, tls_timeout=open_timeout
             ),
             process_request=router,
             process_response=router.gate.responded,
@@ -186,16 +187,20 @@ async def listen(
                 f"port or stop the process that holds it"
             ) from exc
         raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    _widen_pending_queue(listener)
+    _prepare_listening_sockets(listener, socket_options(dead_peer))
     return listener
 
 
-def _widen_pending_queue(listener: Server) -> None:
-    """Let the kernel queue ``PENDING_BACKLOG`` connections while asyncio accepts them in
-    batches of ``listen_backlog()`` (asyncio uses one number for both)."""
+def _prepare_listening_sockets(listener: Server, options: list[tuple[int, int, int]]) -> None:
+    """Set what every accepted socket inherits, and let the kernel queue
+    ``PENDING_BACKLOG`` connections while asyncio accepts them in batches of
+    ``listen_backlog()`` (asyncio uses one number for both)."""
     for wrapped in listener.sockets:
-        # listen() again on the same socket, through a duplicate of its descriptor.
+        # Through a duplicate of its descriptor: asyncio's wrapper cannot listen().
         with socket.socket(fileno=os.dup(wrapped.fileno())) as sock:
+            for level, name, value in options:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(level, name, value)
             sock.listen(PENDING_BACKLOG)
 
 

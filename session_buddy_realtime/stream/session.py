@@ -129,7 +129,7 @@ class ClientSession(Subscriber):
                 authenticated=self.authenticated,
                 auth_required=self.policy.token is not None,
             )
-            self.hub.send_now(self, welcome)
+            self.hub.send_first(self, welcome)
             if not self.subscribed and not await self._authenticate():
                 return
             # recv() in a loop rather than ``async for``: no async generator kept per client.
