@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from websockets.asyncio.server import Server
 from websockets.protocol import State
 
 from session_buddy_realtime.protocol import CloseCode
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
+from session_buddy_realtime.stream.listener import Listener
 
 __all__ = ["close_listener"]
 
 
 async def close_listener(
-    listener: Server,
+    listener: Listener,
     registry: ConnectionRegistry,
     *,
     max_buffered_bytes: int,

@@ -1,179 +1,394 @@
-"""The connection class of the listener: accounting, socket options, TLS, and a lean footprint.
+"""One accepted connection: an asyncio protocol on the library's sans-I/O ``ServerProtocol``.
 
-Every accepted TCP connection is a ``TrackedConnection``: it enters the registry on
-accept (so the socket caps apply before any byte is read), caps its kernel send buffer,
-asks the kernel to detect dead peers, runs TLS after it is counted, and, once its
-WebSocket is open, lets go of what only the handshake needed (``settle``).
+The library parses HTTP and frames, answers pings and closes, and builds the handshake's
+response; this class does the I/O around it with as little per connection as it can:
+no task until the WebSocket is open (then one, running the session), no coroutine
+while the client is quiet (``recv()`` hands out a future), queues only when used.
+Every accepted socket enters the registry at once (the socket caps apply before any
+byte is read), TLS runs after it is counted, and once open the connection lets go of
+what only the handshake needed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
+import http
 import logging
-import socket
+import os
 import ssl
-from typing import Any, Final, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, cast
 
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
-from session_buddy_realtime.stream.gate import SEND_BUFFER_BYTES, ConnectionRegistry
+__all__ = [
+    "Connection",
+    "Handler",
+    "ListenerConfig",
+    "Registry",
+]
 
-__all__ = ["socket_options", "text_frame", "tracking_connection_class", "write_first"]
-
-_NO_HEADERS: Final = Headers()
-"""The headers of every open connection's request: nothing reads them after the upgrade
-(the library only checks that a request was received), so none of them is kept."""
-
-
-def text_frame(text: str) -> bytes:
-    """One unmasked, unfragmented text frame, as the server side sends it.
-
-    Written straight to a transport, it is what the library's own send would write:
-    server frames are unmasked and, with compression off, no extension alters them.
-    """
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+_MAX_QUEUE: Final = 16
+"""Messages received and not yet read at which reading from the socket pauses."""
+_WRITE_LIMIT: Final = 32 * 1024
+"""Unsent bytes above which ``send()`` waits for the transport to drain."""
 
 
-def write_first(connection: ServerConnection, frame: bytes) -> None:
-    """Write ``frame`` as the first message of an open connection, in one write with the
-    handshake's response when the connection still holds it: one segment, one system
-    call, where two would each wake the client."""
-    held = b"".join(connection.protocol.data_to_send())
-    connection.transport.write(held + frame if held else frame)
+class Registry(Protocol):
+    """The listener's accounting of connections (``gate.ConnectionRegistry``)."""
+
+    write_limit: int
+    connections: set[Connection]
+    tls_handshakes: set[asyncio.Task[None]]
+
+    def add(self, connection: Connection) -> None: ...
+    def remove(self, connection: Connection) -> None: ...
+    def drop(self, connection: Connection, reason: str) -> None: ...
 
 
-def settle(connection: ServerConnection) -> None:
-    """Let an open connection go of its handshake's headers and response.
-
-    They are a fifth of the objects a connection keeps, and every one of them is scanned
-    by each full garbage collection while the client stays. (The request itself stays
-    referenced by the library's parser, so its headers are dropped instead.)
-    """
-    if connection.request is not None:
-        connection.request.headers = _NO_HEADERS
-    connection.response = None
+ProcessRequest = Callable[["Connection", Request], Response | Awaitable[Response] | None]
+ProcessResponse = Callable[["Connection", Request, Response], None]
+Handler = Callable[["Connection"], Coroutine[Any, Any, None]]
 
 
-def socket_options(dead_peer: tuple[float, float] | None) -> list[tuple[int, int, int]]:
-    """The options of every accepted socket, set once on the listening socket (Linux
-    copies them to each connection it accepts, which saves six system calls per accept).
+@dataclass(eq=False, slots=True)
+class ListenerConfig:
+    """What every connection of one listener shares: its settings and its hooks."""
 
-    The kernel send buffer is capped at ``SEND_BUFFER_BYTES``. With ``dead_peer``
-    (keepalive interval, timeout), the kernel gives up on a peer that acknowledges
-    nothing for that long (``TCP_USER_TIMEOUT``, and TCP keepalive while idle).
-    """
-    options = [(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
-    if dead_peer is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
-        interval, timeout = dead_peer
-        options += [
-            # Data unacknowledged for interval + timeout: the connection is reset, as a
-            # ping without a pong would have it closed.
-            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round((interval + timeout) * 1000)),
-            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(interval))),
-            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(timeout / 4))),
-            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
-        ]
-    return options
+    registry: Registry
+    answer: Callable[[Connection, Request], None]
+    """Answers the opening handshake's request (``opening.answer``)."""
+    handler: Handler
+    process_request: ProcessRequest
+    process_response: ProcessResponse
+    max_size: int
+    open_timeout: float
+    close_timeout: float
+    protocol_logger: logging.Logger
+    tls: ssl.SSLContext | None = None
+    serving: bool = True
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    """Handler tasks and asynchronous routes still running."""
+    settled: Callable[[], None] = lambda: None
+    """Called when a connection is gone or one of ``tasks`` ended (see ``Listener``)."""
+
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished task of ``tasks``."""
+        self.tasks.discard(task)
+        self.settled()
 
 
-def tracking_connection_class(
-    registry: ConnectionRegistry,
-    *,
-    tls: ssl.SSLContext | None = None,
-    tls_timeout: float = 5.0,
-) -> type[ServerConnection]:
-    """A ServerConnection that enters ``registry`` on accept and leaves on close.
+class Connection(asyncio.Protocol):
+    """One TCP connection: its handshake, its frames, and what the rest of the server uses
+    of it (``send``, ``recv``, ``ping``, ``close``, ``transport``, ``protocol.state``).
 
     It is dropped when the peer sends data (a ping frame each time, say) while
-    ``write_limit`` bytes are waiting for it: a client that does not read cannot make the
-    server queue replies for ever. With ``tls``, the TLS handshake runs here, after the
-    socket is counted: sockets still in their TLS handshake count against the caps like
-    any other. Its socket options are the listening socket's (``socket_options``).
+    ``write_limit`` bytes are waiting for it: a client that does not read cannot make
+    the server queue replies for ever.
     """
 
-    class TrackedConnection(ServerConnection):
-        early: list[bytes] | None = None
+    __slots__ = (
+        "_closed",
+        "_drained",
+        "_fragments",
+        "_lost",
+        "_messages",
+        "_pings",
+        "_receiver",
+        "config",
+        "deadline",
+        "early",
+        "loop",
+        "protocol",
+        "request",
+        "response",
+        "transport",
+    )
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.protocol = ServerProtocol(max_size=config.max_size, logger=config.protocol_logger)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on accept
+        self.request: Request | None = None
+        self.response: Response | None = None
+        self.early: list[bytes] | None = None
         """Data that arrived between the TLS handshake and the connection taking it over."""
+        self.deadline: asyncio.TimerHandle | None = None
+        """The opening handshake's deadline, then the closing handshake's."""
+        self._messages: list[str | bytes] | None = None
+        self._receiver: asyncio.Future[str | bytes] | None = None
+        self._fragments: list[Frame] | None = None
+        self._pings: dict[bytes, tuple[asyncio.Future[float], float]] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+        self._lost = False
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # The library wraps the logger per connection (an adapter, its dict and a
-            # proxy); every connection can share the listener's own.
-            shared = cast(logging.LoggerAdapter[logging.Logger], self.protocol.logger).logger
-            self.logger = self.protocol.logger = shared
-            # Only appended to, removed from and iterated: a list does that in 56 bytes,
-            # where the library's deque takes 760 for every connection.
-            self.drain_waiters = cast("collections.deque[asyncio.Future[None]]", [])
+    # What the server uses
 
-        handshaking = False
+    @property
+    def state(self) -> State:
+        """The WebSocket's state (CONNECTING, OPEN, CLOSING, CLOSED)."""
+        return self.protocol.state
 
-        async def handshake(self, *args: Any, **kwargs: Any) -> None:
-            self.handshaking = True
+    @property
+    def remote_address(self) -> Any:
+        """The peer's address, as the socket gives it."""
+        return self.transport.get_extra_info("peername")
+
+    def respond(self, status: http.HTTPStatus, text: str) -> Response:
+        """A plain text HTTP response (a refusal, or a route's answer)."""
+        return self.protocol.reject(status, text)
+
+    def recv(self) -> Awaitable[str | bytes]:
+        """The next message (str for text, bytes for binary).
+
+        Raises:
+            ConnectionClosed: the connection closed and every message was read.
+        """
+        future: asyncio.Future[str | bytes] = self.loop.create_future()
+        messages = self._messages
+        if messages:
+            future.set_result(messages.pop(0))
+            if len(messages) <= _MAX_QUEUE // 4 and not self.transport.is_closing():
+                self.transport.resume_reading()
+            return future
+        if self.protocol.state is State.CLOSED:
+            raise self.protocol.close_exc
+        self._receiver = future
+        return future
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one message; waits while the client's unsent data is over the limit.
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed.
+        """
+        protocol = self.protocol
+        if protocol.state is not State.OPEN:
+            await self.wait_closed()
+            raise protocol.close_exc
+        if isinstance(message, str):
+            protocol.send_text(message.encode())
+        else:
+            protocol.send_binary(message)
+        self.send_data()
+        if self._drained is not None:
+            await self._drained
+        if cast(State, protocol.state) is State.CLOSED:  # closed while it drained
+            raise protocol.close_exc
+
+    async def ping(self) -> asyncio.Future[float]:
+        """Send a ping; the future gets the round trip in seconds when the pong comes."""
+        data = os.urandom(4)
+        self.protocol.send_ping(data)
+        self.send_data()
+        waiter: asyncio.Future[float] = self.loop.create_future()
+        if self._pings is None:
+            self._pings = {}
+        self._pings[data] = (waiter, self.loop.time())
+        return waiter
+
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Send a close frame and wait until the connection is closed (the closing
+        handshake has ``close_timeout``, then the socket is dropped)."""
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self.send_data()
+        elif self.protocol.state is State.CONNECTING:
+            self.transport.abort()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the TCP connection is closed."""
+        if self._lost:
+            return
+        if self._closed is None:
+            self._closed = self.loop.create_future()
+        await asyncio.shield(self._closed)
+
+    def send_data(self) -> None:
+        """Write what the protocol has to send, in one write; half-close at its end."""
+        chunks = self.protocol.data_to_send()
+        if chunks:
+            transport = self.transport
+            data = b"".join(chunks)
+            if data:
+                transport.write(data)
+            if not chunks[-1]:  # the protocol's end of stream
+                if transport.can_write_eof():
+                    with contextlib.suppress(OSError, RuntimeError):
+                        transport.write_eof()
+                else:
+                    transport.close()
+        if self.deadline is None and self.protocol.state is State.CLOSING:
+            # The closing handshake gets close_timeout; then the socket is dropped.
+            self.deadline = self.loop.call_later(self.config.close_timeout, self.transport.abort)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(_WRITE_LIMIT)
+        config = self.config
+        config.registry.add(self)
+        if transport.is_closing():  # dropped at accept
+            return
+        if config.tls is None:
+            self.deadline = self.loop.call_later(config.open_timeout, self._opening_timed_out)
+            return
+        # Until TLS is up the connection holds the raw transport, so that the caps,
+        # drop() and stop() treat it as any other.
+        self.early = []
+        task = self.loop.create_task(self._start_tls(transport))
+        config.registry.tls_handshakes.add(task)
+        task.add_done_callback(config.registry.tls_handshakes.discard)
+
+    async def _start_tls(self, transport: asyncio.Transport) -> None:
+        config = self.config
+        assert config.tls is not None
+        timeout = config.open_timeout
+        try:
+            async with asyncio.timeout(timeout + 1.0):  # ssl_handshake_timeout's backstop
+                secure = await self.loop.start_tls(
+                    transport, self, config.tls, server_side=True, ssl_handshake_timeout=timeout
+                )
+        except OSError:  # SSL errors, resets, and the handshake timeout (TimeoutError)
+            transport.abort()
+            self._forget()
+            return
+        if secure is None or transport.is_closing():
+            self._forget()
+            return
+        early, self.early = self.early or [], None
+        self.transport = secure
+        secure.set_write_buffer_limits(_WRITE_LIMIT)
+        self.deadline = self.loop.call_later(timeout, self._opening_timed_out)
+        for data in early:
+            self.data_received(data)
+
+    def _opening_timed_out(self) -> None:
+        if self.protocol.state is State.CONNECTING:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.early is not None:
+            self.early.append(data)
+            return
+        registry = self.config.registry
+        if self.transport.get_write_buffer_size() > registry.write_limit:
+            registry.drop(self, "not_reading")
+            return
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self.send_data()
+        for event in events:
+            if isinstance(event, Request):
+                self.config.answer(self, event)
+            elif protocol.state is not State.CONNECTING:
+                self._frame(event)
+
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+        self.send_data()
+
+    def _forget(self) -> None:
+        self.config.registry.remove(self)
+        self.config.settled()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        protocol = self.protocol
+        protocol.receive_eof()  # idempotent; the state is CLOSED from here on
+        self._forget()
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        if self.early is not None:  # the TLS handshake never finished
+            self.early = None
+            return
+        closed = protocol.close_exc
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None and not receiver.done():
+            receiver.set_exception(closed)
+        for waiter, _ in (self._pings or {}).values():
+            if not waiter.done():
+                waiter.set_exception(closed)
+        self._pings = None
+        self._resume()
+        self._lost = True
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drained is None:
+            self._drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # Frames
+
+    def _frame(self, frame: Any) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self._message(opcode, frame.data)
+            else:
+                self._fragments = [frame]
+        elif opcode is Opcode.CONT:
+            fragments = self._fragments
+            if fragments is None:
+                return
+            fragments.append(frame)
+            if frame.fin:
+                self._fragments = None
+                self._message(fragments[0].opcode, b"".join(part.data for part in fragments))
+        elif opcode is Opcode.PONG:
+            self._pong(bytes(frame.data))
+
+    def _message(self, opcode: Opcode, data: bytes) -> None:
+        message: str | bytes
+        if opcode is Opcode.TEXT:
             try:
-                await super().handshake(*args, **kwargs)
-            finally:
-                self.handshaking = False
-            if self.protocol.state is State.OPEN:
-                settle(self)
-
-        def send_data(self) -> None:
-            # The 101 response stays queued in the protocol: the welcome takes it along
-            # (``write_first``), or the next send does. A refusal goes out at once.
-            if self.handshaking and self.protocol.state is State.OPEN:
+                message = bytes(data).decode()
+            except UnicodeDecodeError as exc:
+                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                self.send_data()
                 return
-            super().send_data()
+        else:
+            message = bytes(data)
+        receiver = self._receiver
+        if receiver is not None and not receiver.done():
+            self._receiver = None
+            receiver.set_result(message)
+            return
+        if self._messages is None:
+            self._messages = []
+        self._messages.append(message)
+        if len(self._messages) > _MAX_QUEUE:
+            self.transport.pause_reading()
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            if tls is None:
-                super().connection_made(transport)
-                registry.add(self)
-                return
-            # Until TLS is up the connection holds the raw transport, so that the caps,
-            # drop() and stop() treat it as any other.
-            self.transport = cast(asyncio.Transport, transport)
-            self.early = []
-            registry.add(self)
-            if not transport.is_closing():  # not dropped at accept
-                task = asyncio.get_running_loop().create_task(self._start_tls(self.transport))
-                registry.tls_handshakes.add(task)
-                task.add_done_callback(registry.tls_handshakes.discard)
-
-        async def _start_tls(self, transport: asyncio.Transport) -> None:
-            assert tls is not None
-            try:
-                async with asyncio.timeout(tls_timeout + 1.0):  # ssl_handshake_timeout's backstop
-                    secure = await asyncio.get_running_loop().start_tls(
-                        transport, self, tls, server_side=True, ssl_handshake_timeout=tls_timeout
-                    )
-            except OSError:  # SSL errors, resets, and the handshake timeout (TimeoutError)
-                transport.abort()
-                registry.remove(self)
-                return
-            if secure is None or transport.is_closing():
-                registry.remove(self)
-                return
-            early, self.early = self.early or [], None
-            super().connection_made(secure)
-            for data in early:
-                self.data_received(data)
-
-        def data_received(self, data: bytes) -> None:
-            if self.early is not None:
-                self.early.append(data)
-                return
-            if self.transport.get_write_buffer_size() > registry.write_limit:
-                registry.drop(self, "not_reading")
-                return
-            super().data_received(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            registry.remove(self)
-            if self.early is None:  # the library's side exists only once TLS is up
-                super().connection_lost(exc)
-
-    return TrackedConnection
+    def _pong(self, data: bytes) -> None:
+        pings = self._pings
+        if not pings or data not in pings:
+            return
+        now = self.loop.time()
+        # A pong answers its ping and every ping sent before it.
+        for sent in list(pings):
+            waiter, sent_at = pings.pop(sent)
+            if not waiter.done():
+                waiter.set_result(now - sent_at)
+            if sent == data:
+                break

@@ -24,9 +24,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
-from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.security import (
     AuthThrottle,
     OriginLog,
@@ -76,14 +76,14 @@ class ConnectionRegistry:
     max_sockets: int = 1 << 30
     max_sockets_per_ip: int = 1 << 30
     write_limit: int = 1 << 30
-    connections: set[ServerConnection] = field(default_factory=set)
+    connections: set[Connection] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
-    admitted: set[ServerConnection] = field(default_factory=set)
-    preauthenticated: set[ServerConnection] = field(default_factory=set)
+    admitted: set[Connection] = field(default_factory=set)
+    preauthenticated: set[Connection] = field(default_factory=set)
     dropped: Counter[str] = field(default_factory=Counter)
     tls_handshakes: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def add(self, connection: ServerConnection) -> None:
+    def add(self, connection: Connection) -> None:
         """Count a connection just accepted; drop it if it is over a socket cap."""
         ip = peer_ip(connection)
         self.connections.add(connection)
@@ -93,7 +93,7 @@ class ConnectionRegistry:
         elif len(self.connections) > self.max_sockets:
             self.drop(connection, "too_many_sockets")
 
-    def remove(self, connection: ServerConnection) -> None:
+    def remove(self, connection: Connection) -> None:
         """Forget a connection that closed."""
         if connection in self.connections:
             self.connections.discard(connection)
@@ -104,7 +104,7 @@ class ConnectionRegistry:
         self.admitted.discard(connection)
         self.preauthenticated.discard(connection)
 
-    def drop(self, connection: ServerConnection, reason: str) -> None:
+    def drop(self, connection: Connection, reason: str) -> None:
         """Reset ``connection`` at once and count it under ``reason``."""
         self.dropped[reason] += 1
         drop(connection)
@@ -131,13 +131,13 @@ class ConnectionRegistry:
         )
 
 
-def peer_ip(connection: ServerConnection) -> str:
+def peer_ip(connection: Connection) -> str:
     """The peer's address, or "unknown"."""
     peer = connection.transport.get_extra_info("peername") if connection.transport else None
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
 
-def drop(connection: ServerConnection) -> None:
+def drop(connection: Connection) -> None:
     """Reset a connection at once, discarding what the kernel still holds for it."""
     transport = connection.transport
     sock = transport.get_extra_info("socket")
@@ -165,7 +165,7 @@ class HandshakeGate:
     origin_log: OriginLog = field(default_factory=OriginLog)
     _logged_at: dict[str, float] = field(default_factory=dict)
 
-    def admit(self, connection: ServerConnection, request: Request) -> Response | None:
+    def admit(self, connection: Connection, request: Request) -> Response | None:
         """Checks for any request: well-formed, within the limits, and the Host header."""
         headers = request.headers
         hosts = headers.get_all("Host")
@@ -199,7 +199,7 @@ class HandshakeGate:
             )
         return None
 
-    def upgrade(self, connection: ServerConnection, request: Request) -> Response | None:
+    def upgrade(self, connection: Connection, request: Request) -> Response | None:
         """Checks for a WebSocket upgrade: the Origin and the token, if one is sent."""
         headers = request.headers
         origin = headers.get("Origin")
@@ -233,7 +233,7 @@ class HandshakeGate:
             self.registry.preauthenticated.add(connection)
         return None
 
-    def responded(self, connection: ServerConnection, request: Request, response: Response) -> None:
+    def responded(self, connection: Connection, request: Request, response: Response) -> None:
         """After the handshake's answer: a WebSocket that opened counts as admitted.
 
         A refusal, a plain route's answer or an upgrade the library rejected holds no
@@ -245,13 +245,13 @@ class HandshakeGate:
         else:
             self.registry.preauthenticated.discard(connection)
 
-    def _malformed(self, connection: ServerConnection, what: str) -> Response:
+    def _malformed(self, connection: Connection, what: str) -> Response:
         return self._refuse(
             connection, "malformed_request", http.HTTPStatus.BAD_REQUEST, f"bad request: {what}"
         )
 
     def _refuse(
-        self, connection: ServerConnection, reason: str, status: http.HTTPStatus, text: str
+        self, connection: Connection, reason: str, status: http.HTTPStatus, text: str
     ) -> Response:
         self.refused[reason] += 1
         # At most one line a second per reason: a flood of bad requests cannot flood the log.

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Set
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
-from websockets.asyncio.server import Server, ServerConnection
 from websockets.protocol import State
 
 from session_buddy_realtime.data.source import MetricsSnapshot, Source
@@ -27,8 +26,10 @@ from session_buddy_realtime.protocol import (
     subscription_confirmed_message,
 )
 from session_buddy_realtime.stream.closing import close_listener
-from session_buddy_realtime.stream.connection import text_frame, write_first
+from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
+from session_buddy_realtime.stream.listener import Listener
+from session_buddy_realtime.stream.opening import text_frame, write_first
 from session_buddy_realtime.stream.stats import StreamStats
 from session_buddy_realtime.stream.waits import first_of, unless_set
 
@@ -43,7 +44,7 @@ _SLOW_CLIENT_REASON: Final = "too slow: updates were not being read"
 class Subscriber:
     """One connection as the hub (and keepalive) see it."""
 
-    connection: ServerConnection
+    connection: Connection
     remote: str
     connected_at: float
     # The subscription: what the hub delivers (set by the hub and the session).
@@ -105,7 +106,7 @@ class Hub(Generic[S]):
         self.max_buffered_bytes = max_buffered_bytes
         self.slow_client_timeout = slow_client_timeout
         self.close_timeout = close_timeout
-        self.sessions: dict[ServerConnection, S] = {}
+        self.sessions: dict[Connection, S] = {}
         self._has_sessions = asyncio.Event()
         self._stopping = asyncio.Event()
         self._broadcaster: asyncio.Task[None] | None = None
@@ -121,7 +122,7 @@ class Hub(Generic[S]):
         self.stats.connections_total += 1
         logger.debug("client %s connected (%d now)", session.remote, len(self.sessions))
 
-    def remove(self, connection: ServerConnection) -> None:
+    def remove(self, connection: Connection) -> None:
         """Forget a connection's session; harmless if it is unknown."""
         session = self.sessions.pop(connection, None)
         if not self.sessions:
@@ -360,15 +361,13 @@ class Hub(Generic[S]):
         # the connection, which frees its buffers, the kernel's included, at once.
         drop(session.connection)
 
-    def close_later(self, connection: ServerConnection, code: int, reason: str) -> None:
+    def close_later(self, connection: Connection, code: int, reason: str) -> None:
         """Close ``connection`` in the background, dropping it after ``close_timeout``."""
         task = asyncio.create_task(self._close_within_timeout(connection, code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close_within_timeout(
-        self, connection: ServerConnection, code: int, reason: str
-    ) -> None:
+    async def _close_within_timeout(self, connection: Connection, code: int, reason: str) -> None:
         # close() waits for the write buffer to drain, which a stuck client never lets
         # happen: give it close_timeout, then drop the TCP connection.
         try:
@@ -377,7 +376,7 @@ class Hub(Generic[S]):
         except TimeoutError:
             connection.transport.abort()
 
-    async def close_all(self, listener: Server, registry: ConnectionRegistry) -> None:
+    async def close_all(self, listener: Listener, registry: ConnectionRegistry) -> None:
         """Stop the broadcaster and close every connection (``close_listener``: 1001, or
         dropped when they cannot take a close frame), within ``close_timeout``. Every
         session is forgotten."""

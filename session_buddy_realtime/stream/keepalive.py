@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -117,7 +117,7 @@ class Keepalive:
             return
         if connection.transport.get_write_buffer_size() > _PING_BUFFER_LIMIT:
             return
-        waiter = cast("asyncio.Future[float]", await connection.ping())
+        waiter = await connection.ping()
         waiter.add_done_callback(_retrieve)
         session.pong_waiter, session.ping_sent_at = waiter, now
 

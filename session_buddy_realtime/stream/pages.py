@@ -19,9 +19,9 @@ from importlib.resources import files
 from typing import Final
 from urllib.parse import urlsplit
 
-from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.router import HttpRouter, http_response
 
 __all__ = ["ASSETS_PREFIX", "CONTENT_TYPES", "content_security_policy", "install_pages"]
@@ -68,11 +68,11 @@ def content_security_policy(host: str | None) -> str:
     )
 
 
-def _index(connection: ServerConnection, request: Request) -> Response:
+def _index(connection: Connection, request: Request) -> Response:
     return _serve(request, "index.html")
 
 
-def _asset(connection: ServerConnection, request: Request) -> Response:
+def _asset(connection: Connection, request: Request) -> Response:
     name = urlsplit(request.path).path.removeprefix(ASSETS_PREFIX)
     return _serve(request, name)
 

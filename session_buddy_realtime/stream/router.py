@@ -20,18 +20,19 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError, ServerStartError
-from session_buddy_realtime.stream.connection import socket_options, tracking_connection_class
+from session_buddy_realtime.stream.connection import Connection, Handler, ListenerConfig
 from session_buddy_realtime.stream.gate import PENDING_BACKLOG, HandshakeGate, listen_backlog
+from session_buddy_realtime.stream.listener import Listener, open_listener
+from session_buddy_realtime.stream.opening import answer, socket_options
 from session_buddy_realtime.stream.security import redacting_logger
 
 __all__ = ["HttpRouter", "Route", "http_response", "listen", "listener_urls"]
 
-Route = Callable[[ServerConnection, Request], Response | Awaitable[Response]]
+Route = Callable[[Connection, Request], Response | Awaitable[Response]]
 """Answers one plain HTTP request; may be a coroutine function."""
 
 
@@ -57,7 +58,7 @@ class HttpRouter:
         (self._prefixes if prefix else self._routes)[path] = route
 
     def __call__(
-        self, connection: ServerConnection, request: Request
+        self, connection: Connection, request: Request
     ) -> Response | Awaitable[Response] | None:
         """Return a response (a refusal or a route's answer), or None to open a WebSocket."""
         refusal = self.gate.admit(connection, request)
@@ -79,7 +80,7 @@ class HttpRouter:
 
 
 def _answer(
-    route: Route, connection: ServerConnection, request: Request
+    route: Route, connection: Connection, request: Request
 ) -> Response | Awaitable[Response]:
     if request.method not in ("GET", "HEAD"):
         return http_response(
@@ -127,7 +128,7 @@ def http_response(
     )
 
 
-def listener_urls(listener: Server, *, tls: bool) -> list[str]:
+def listener_urls(listener: Listener, *, tls: bool) -> list[str]:
     """The ``ws://`` (``wss://`` with ``tls``) address of each of the listener's sockets."""
     urls = []
     for sock in listener.sockets:
@@ -138,7 +139,7 @@ def listener_urls(listener: Server, *, tls: bool) -> list[str]:
 
 
 async def listen(
-    handler: Callable[[ServerConnection], Awaitable[None]],
+    handler: Handler,
     host: str,
     port: int,
     *,
@@ -148,38 +149,30 @@ async def listen(
     open_timeout: float,
     close_timeout: float,
     dead_peer: tuple[float, float] | None = None,
-) -> Server:
+) -> Listener:
     """Listen on ``host``:``port``: requests go through ``router``, WebSockets to ``handler``.
 
     ``dead_peer`` (keepalive interval, timeout) lets the kernel drop peers that stop
-    acknowledging (see ``tracking_connection_class``).
+    acknowledging (see ``socket_options``).
 
     Raises:
         PortInUseError: the address is taken.
         ServerStartError: anything else that prevents listening.
     """
+    config = ListenerConfig(
+        registry=router.gate.registry,
+        answer=answer,
+        handler=handler,
+        process_request=router,
+        process_response=router.gate.responded,
+        max_size=max_message_size,
+        open_timeout=open_timeout,
+        close_timeout=close_timeout,
+        protocol_logger=redacting_logger("session_buddy_realtime.websockets"),
+        tls=ssl_context,  # done by the connection, after the socket is counted
+    )
     try:
-        listener = await serve(
-            handler,
-            host.strip("[]"),
-            port,
-            compression=None,
-            max_size=max_message_size,
-            max_queue=16,
-            open_timeout=open_timeout,
-            # One server-wide keepalive task replaces the library's task per
-            # connection: less memory per client, pings spread over time.
-            ping_interval=None,
-            close_timeout=close_timeout,
-            # TLS is done by the connection class, after the socket is counted.
-            create_connection=tracking_connection_class(
-                router.gate.registry, tls=ssl_context, tls_timeout=open_timeout
-            ),
-            process_request=router,
-            process_response=router.gate.responded,
-            logger=redacting_logger("session_buddy_realtime.websockets"),
-            backlog=listen_backlog(),
-        )
+        listener = await open_listener(host.strip("[]"), port, config, backlog=listen_backlog())
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(
@@ -191,7 +184,7 @@ async def listen(
     return listener
 
 
-def _prepare_listening_sockets(listener: Server, options: list[tuple[int, int, int]]) -> None:
+def _prepare_listening_sockets(listener: Listener, options: list[tuple[int, int, int]]) -> None:
     """Set what every accepted socket inherits, and let the kernel queue
     ``PENDING_BACKLOG`` connections while asyncio accepts them in batches of
     ``listen_backlog()`` (asyncio uses one number for both)."""

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.data.source import LOOKUP_WAIT
 from session_buddy_realtime.errors import RealtimeError
 from session_buddy_realtime.protocol import ErrorCode, ProtocolError, validate_skill_name
+from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.gate import peer_ip
 from session_buddy_realtime.stream.hub import Hub
 from session_buddy_realtime.stream.pages import install_pages
@@ -51,7 +51,7 @@ class HttpAccess:
     throttle: AuthThrottle
     stats: StreamStats
 
-    def refusal(self, connection: ServerConnection, request: Request) -> Response | None:
+    def refusal(self, connection: Connection, request: Request) -> Response | None:
         """None when the request may have data; otherwise the 401 or 429 to send."""
         if self.token is None:
             return None
@@ -92,7 +92,7 @@ class _Api:
     status: Callable[[], dict[str, Any]]
     snapshot: Callable[[str | None], Awaitable[dict[str, Any]]]
 
-    def healthz(self, connection: ServerConnection, request: Request) -> Response:
+    def healthz(self, connection: Connection, request: Request) -> Response:
         # What the process can do, not what the database says: every instance reads the
         # same database, so taking one out of a load balancer for a lock would help
         # nobody, and a server that is idle has not read it lately anyway.
@@ -100,7 +100,7 @@ class _Api:
             return _json(http.HTTPStatus.SERVICE_UNAVAILABLE, {"status": "unavailable"})
         return _json(http.HTTPStatus.OK, {"status": "ok"})
 
-    async def api_snapshot(self, connection: ServerConnection, request: Request) -> Response:
+    async def api_snapshot(self, connection: Connection, request: Request) -> Response:
         refusal = self.access.refusal(connection, request)
         if refusal is not None:
             return refusal
@@ -114,7 +114,7 @@ class _Api:
             return _json(http.HTTPStatus.SERVICE_UNAVAILABLE, _error("unavailable", str(exc)))
         return _json(http.HTTPStatus.OK, payload)
 
-    async def metrics(self, connection: ServerConnection, request: Request) -> Response:
+    async def metrics(self, connection: Connection, request: Request) -> Response:
         refusal = self.access.refusal(connection, request)
         if refusal is not None:
             return refusal

@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-
-from websockets.asyncio.server import Server, ServerConnection
 
 from session_buddy_realtime.data.database import DEFAULT_DB_PATH, DatabaseSource, HostConnection
 from session_buddy_realtime.data.detection import DetectionSettings
@@ -25,6 +23,7 @@ from session_buddy_realtime.protocol import format_timestamp, validate_skill_nam
 from session_buddy_realtime.scaleout.link import DEFAULT_PREFIX, RedisTimings
 from session_buddy_realtime.scaleout.roles import ScaleOut
 from session_buddy_realtime.stream.arguments import check_arguments
+from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.gate import (
     ConnectionRegistry,
     HandshakeGate,
@@ -32,6 +31,7 @@ from session_buddy_realtime.stream.gate import (
 )
 from session_buddy_realtime.stream.hub import Hub
 from session_buddy_realtime.stream.keepalive import Keepalive
+from session_buddy_realtime.stream.listener import Listener
 from session_buddy_realtime.stream.router import HttpRouter, listen, listener_urls
 from session_buddy_realtime.stream.routes import install_routes
 from session_buddy_realtime.stream.security import (
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 class _Running:
     """What a started server holds; dropped as a whole by ``stop()``."""
 
-    listener: Server
+    listener: Listener
     registry: ConnectionRegistry
     started_at: float
     started_monotonic: float
@@ -311,7 +311,7 @@ class RealTimeMetricsServer:
 
     # The seed's methods: thin delegates to the session and the hub.
 
-    def register_client(self, websocket: ServerConnection) -> ClientSession:
+    def register_client(self, websocket: Connection) -> ClientSession:
         """Add a client, subscribed to all skills (the seed's default); return its session."""
         now = time.monotonic()
         session = ClientSession.open(websocket, self._hub, self._policy, now)
@@ -320,11 +320,11 @@ class RealTimeMetricsServer:
         self._hub.add(session)
         return session
 
-    def unregister_client(self, websocket: ServerConnection) -> None:
+    def unregister_client(self, websocket: Connection) -> None:
         """Forget a client; harmless if it is unknown."""
         self._hub.remove(websocket)
 
-    def client_handler(self, websocket: ServerConnection) -> Awaitable[None]:
+    def client_handler(self, websocket: Connection) -> Coroutine[Any, Any, None]:
         """Serve one connection (``ClientSession.serve``) from welcome to close.
 
         Returns the session's own coroutine (no frame of ours kept per client); the
@@ -336,17 +336,13 @@ class RealTimeMetricsServer:
             preauthenticated=running is not None and websocket in running.registry.preauthenticated
         )
 
-    async def handle_client_message(
-        self, websocket: ServerConnection, message: str | bytes
-    ) -> None:
+    async def handle_client_message(self, websocket: Connection, message: str | bytes) -> None:
         """Answer one message of a registered client (``ClientSession.handle``)."""
         session = self._hub.sessions.get(websocket)
         if session is not None:
             await session.handle(message)
 
-    async def handle_subscription(
-        self, websocket: ServerConnection, skill_name: str | None
-    ) -> None:
+    async def handle_subscription(self, websocket: Connection, skill_name: str | None) -> None:
         """Subscribe a registered client (``ClientSession.subscribe``): confirm, then a snapshot."""
         session = self._hub.sessions.get(websocket)
         if session is not None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from session_buddy_realtime._version import __version__
@@ -39,6 +38,7 @@ from session_buddy_realtime.protocol import (
     unsubscribed_message,
     validate_skill_name,
 )
+from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.hub import Hub, Subscriber
 from session_buddy_realtime.stream.security import AuthThrottle, RateLimiter, tokens_match
 
@@ -75,7 +75,7 @@ class ClientSession(Subscriber):
     @classmethod
     def open(
         cls,
-        connection: ServerConnection,
+        connection: Connection,
         hub: Hub[ClientSession],
         policy: SessionPolicy,
         now: float,
@@ -110,26 +110,32 @@ class ClientSession(Subscriber):
             "congested": self.congested_since is not None,
         }
 
-    async def serve(self, *, preauthenticated: bool) -> None:
-        """Welcome the client, authenticate it if required, then answer its messages.
+    def serve(self, *, preauthenticated: bool) -> Coroutine[Any, Any, None]:
+        """Welcome the client now, then return what authenticates it if required and
+        answers its messages.
 
-        Messages over the rate limit get one ``rate_limited`` error; a client that keeps
-        going is closed with 1008. Returns when the connection closes, after leaving the hub.
+        The welcome is written before this returns (with the handshake's response, see
+        ``write_first``), so it precedes every update. Messages over the rate limit get one
+        ``rate_limited`` error; a client that keeps going is closed with 1008. The
+        coroutine returns when the connection closes, after leaving the hub.
         """
+        self.authenticated = preauthenticated
+        self.subscribed = self.policy.token is None or self.authenticated
+        welcome = connected_message(
+            timestamp=format_timestamp(),
+            server_version=__version__,
+            update_interval=self.policy.update_interval,
+            server_role=self.policy.server_role,
+            subscription="all" if self.subscribed else None,
+            authenticated=self.authenticated,
+            auth_required=self.policy.token is not None,
+        )
+        self.hub.send_first(self, welcome)
+        return self._converse()
+
+    async def _converse(self) -> None:
         connection = self.connection
         try:
-            self.authenticated = preauthenticated
-            self.subscribed = self.policy.token is None or self.authenticated
-            welcome = connected_message(
-                timestamp=format_timestamp(),
-                server_version=__version__,
-                update_interval=self.policy.update_interval,
-                server_role=self.policy.server_role,
-                subscription="all" if self.subscribed else None,
-                authenticated=self.authenticated,
-                auth_required=self.policy.token is not None,
-            )
-            self.hub.send_first(self, welcome)
             if not self.subscribed and not await self._authenticate():
                 return
             # recv() in a loop rather than ``async for``: no async generator kept per client.

@@ -1,0 +1,156 @@
+"""What a listener shares with its connections, and the opening handshake.
+
+A connection hands its first request here (``answer``): the listener's
+``process_request`` (the router: a route's response, a refusal, or None to upgrade),
+then its ``process_response`` (the gate's bookkeeping), then the response. After a
+101 the connection drops what only the handshake needed and its handler runs in a
+task of its own; the response stays queued for the handler's first message to take
+along (``write_first``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http
+import inspect
+import logging
+import socket
+from collections.abc import Awaitable
+from typing import Any, Final, cast
+
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from session_buddy_realtime.stream.connection import Connection
+from session_buddy_realtime.stream.gate import SEND_BUFFER_BYTES
+
+__all__ = ["answer", "socket_options", "text_frame", "write_first"]
+
+logger = logging.getLogger(__name__)
+
+_NO_HEADERS: Final = Headers()
+"""The headers of every open connection's request: nothing reads them after the upgrade,
+so none of them is kept (the library's parser still holds the request itself)."""
+
+
+def socket_options(dead_peer: tuple[float, float] | None) -> list[tuple[int, int, int]]:
+    """The options of every accepted socket, set once on the listening socket (Linux
+    copies them to each connection it accepts, which saves six system calls per accept).
+
+    The kernel send buffer is capped at ``SEND_BUFFER_BYTES``. With ``dead_peer``
+    (keepalive interval, timeout), the kernel gives up on a peer that acknowledges
+    nothing for that long (``TCP_USER_TIMEOUT``, and TCP keepalive while idle).
+    """
+    options = [(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
+    if dead_peer is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        interval, timeout = dead_peer
+        options += [
+            # Data unacknowledged for interval + timeout: the connection is reset, as a
+            # ping without a pong would have it closed.
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round((interval + timeout) * 1000)),
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(interval))),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(timeout / 4))),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+        ]
+    return options
+
+
+def answer(connection: Connection, request: Request) -> None:
+    """Answer the opening handshake's request: a route's response, a refusal, or the
+    upgrade, after which the handler runs (see ``ListenerConfig``)."""
+    connection.request = request
+    try:
+        answer = connection.config.process_request(connection, request)
+    except Exception:
+        logger.exception("process_request failed")
+        answer = _failed(connection)
+    if inspect.isawaitable(answer):
+        task = connection.loop.create_task(_answer_later(connection, request, answer))
+        connection.config.tasks.add(task)
+        task.add_done_callback(connection.config.task_done)
+        return
+    _respond(connection, request, answer)
+
+
+async def _answer_later(
+    connection: Connection, request: Request, answer: Awaitable[Response]
+) -> None:
+    try:
+        response = await answer
+    except Exception:
+        logger.exception("process_request failed")
+        response = _failed(connection)
+    _respond(connection, request, response)
+
+
+def _failed(connection: Connection) -> Response:
+    return connection.protocol.reject(
+        http.HTTPStatus.INTERNAL_SERVER_ERROR,
+        "Failed to open a WebSocket connection.\nSee server log for more information.\n",
+    )
+
+
+def _respond(connection: Connection, request: Request, response: Response | None) -> None:
+    protocol, config = connection.protocol, connection.config
+    if protocol.state is not State.CONNECTING or connection.transport.is_closing():
+        return  # gone (or dropped) while a route was answering
+    if response is None:
+        response = protocol.accept(request)
+    try:
+        config.process_response(connection, request, response)
+    except Exception:
+        logger.exception("process_response failed")
+        response = _failed(connection)
+    if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and not config.serving:
+        response = protocol.reject(
+            http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n"
+        )
+    connection.response = response
+    protocol.send_response(response)
+    if connection.deadline is not None:
+        connection.deadline.cancel()
+        connection.deadline = None
+    if cast(State, protocol.state) is not State.OPEN:
+        connection.send_data()  # the refusal, then the end of the stream
+        return
+    # Open: the response stays queued for the handler's first message to take along
+    # (``write_first``); should the handler send nothing at once, it goes out now.
+    request.headers, connection.response = _NO_HEADERS, None
+    task = connection.loop.create_task(config.handler(connection))
+    config.tasks.add(task)
+    task.add_done_callback(functools.partial(_handler_done, connection))
+    connection.loop.call_soon(connection.send_data)
+
+
+def _handler_done(connection: Connection, task: asyncio.Task[Any]) -> None:
+    failed = None if task.cancelled() else task.exception()
+    if failed is not None and not isinstance(failed, ConnectionClosed):
+        logger.error("connection handler failed", exc_info=failed)
+    if connection.protocol.state is State.OPEN:
+        connection.protocol.send_close(
+            CloseCode.INTERNAL_ERROR if failed is not None else CloseCode.NORMAL_CLOSURE
+        )
+        connection.send_data()
+    connection.config.task_done(task)
+
+
+def text_frame(text: str) -> bytes:
+    """One unmasked, unfragmented text frame, as the server side sends it.
+
+    Written straight to a transport, it is what ``send()`` would write: server frames
+    are unmasked and, with compression off, no extension alters them.
+    """
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+
+
+def write_first(connection: Connection, frame: bytes) -> None:
+    """Write ``frame`` as the first message of an open connection, in one write with the
+    handshake's response, which the connection holds until then: one segment, one system
+    call, where two would each wake the client."""
+    held = b"".join(connection.protocol.data_to_send())
+    connection.transport.write(held + frame if held else frame)
