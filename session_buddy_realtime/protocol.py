@@ -8,6 +8,7 @@ without a socket. ``docs/protocol.md`` describes the same messages for people an
 from __future__ import annotations
 
 import json
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -137,8 +138,18 @@ def load_schema() -> dict[str, Any]:
 
 def format_timestamp(moment: datetime | None = None) -> str:
     """Return ``moment`` (default: now) as ISO 8601 UTC with milliseconds and ``Z``."""
-    moment = datetime.now(UTC) if moment is None else moment.astimezone(UTC)
+    if moment is None:
+        # Every message carries one: the part up to the second is formatted once a second.
+        now = time.time()
+        second = int(now)
+        if second != _this_second[0]:
+            _this_second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))]
+        return f"{_this_second[1]}{int((now - second) * 1000):03d}Z"
+    moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+_this_second: list[Any] = [None, ""]
 
 
 def validate_skill_name(value: object) -> str | None:

@@ -167,3 +167,15 @@ def test_any_input_parses_or_raises_protocol_error(raw: str | bytes) -> None:
         assert isinstance(request, Subscribe | Unsubscribe | Ping)
         if isinstance(request, Subscribe) and request.skill is not None:
             request.skill.encode("utf-8")  # no lone surrogates reach SQLite
+
+
+def test_now_is_formatted_as_the_clock_reads_it() -> None:
+    """format_timestamp() with no moment (its second formatted once and reused) reads
+    back as a UTC time between the clock readings around it, call after call."""
+    for _ in range(2000):
+        before = datetime.now(UTC).replace(microsecond=0)
+        stamp = format_timestamp()
+        after = datetime.now(UTC)
+        parsed = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert len(stamp) == 24
+        assert before <= parsed <= after, (before, stamp, after)

@@ -193,3 +193,18 @@ def test_a_row_not_received_is_never_reported_unknown() -> None:
     flagged = received.snapshot({"rare"}, (SourceState.UNAVAILABLE, "Redis is down"))
     assert (flagged.state, flagged.message) == (SourceState.UNAVAILABLE, "Redis is down")
     assert flagged.skills["rare"] == skill_row("rare", 1)
+
+
+def test_a_row_answered_first_survives_a_whole_state_answered_after_it() -> None:
+    """A fresh edge asks for a whole state and for one skill's row at once; when the row's
+    answer comes first (and so becomes the newest state) and the whole state after it,
+    the row is still there for the skill's subscribers."""
+    received = Received()
+    with_row = _snapshot()
+    whole = MetricsSnapshot(
+        with_row.top_skills, {}, [], SourceState.OK, None, "2026-12-02T10:00:01.000Z"
+    )
+    received.keep_rows(with_row, {"rare"}, 0.0)
+    received.keep_rows(whole, set(), 0.01, replace=True)
+    assert received.has_row("rare", 0.02, fresh_for=1.0)
+    assert received.snapshot({"rare"}, None).skills["rare"] == skill_row("rare", 1)

@@ -82,11 +82,12 @@ class Received:
 
         The reply is a whole state of the producer's: with ``replace`` (the edge was idle,
         and the producer published no states meanwhile), or before any state, it becomes the
-        newest. Otherwise its rows are kept only if the producer read them (state ``ok``).
+        newest. Its rows are kept if the producer read them (state ``ok``).
         """
         if replace or self.latest is None:
             self.latest = reply
-            return
+        # The rows are kept besides: a whole state answered after this one (two requests
+        # of a fresh edge, answered out of order) must not take them away.
         if reply.state is not SourceState.OK:
             return
         for name in skills:

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Set
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from websockets.protocol import State
 
@@ -173,11 +173,11 @@ class Hub(Generic[S]):
             session.messages_sent += 2
             self.stats.messages_sent += 2
 
-    def send_first(self, session: S, message: dict[str, Any]) -> None:
-        """Write a connection's first message (its welcome) at once, as the ticks write,
+    def send_first(self, session: S, frame: bytes) -> None:
+        """Write a connection's first frame (its welcome) at once, as the ticks write,
         together with the handshake's response (``write_first``)."""
         if session.connection.protocol.state is State.OPEN:
-            write_first(session.connection, text_frame(encode(message)))
+            write_first(session.connection, frame)
             session.messages_sent += 1
             self.stats.messages_sent += 1
 

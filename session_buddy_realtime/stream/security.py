@@ -6,6 +6,7 @@ describes the threat model and every setting.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -84,6 +85,7 @@ def handshake_token(headers: Iterable[tuple[str, str]], path: str) -> str | None
     return values[0] if values else None
 
 
+@functools.lru_cache(maxsize=256)  # every handshake asks, mostly about the same few hosts
 def is_loopback(host: str) -> bool:
     """True for names and addresses that only this machine can reach."""
     name = host.strip("[]").lower()

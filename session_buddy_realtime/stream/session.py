@@ -40,11 +40,15 @@ from session_buddy_realtime.protocol import (
 )
 from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.hub import Hub, Subscriber
+from session_buddy_realtime.stream.opening import text_frame
 from session_buddy_realtime.stream.security import AuthThrottle, RateLimiter, tokens_match
 
 __all__ = ["ClientSession", "SessionPolicy"]
 
 logger = logging.getLogger(__name__)
+
+_STAMP = "0000-00-00T00:00:00.000Z"
+"""Where a welcome template's timestamp goes (as long as every ``format_timestamp()``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,34 @@ class SessionPolicy:
     """``standalone``, ``producer`` or ``edge``: said in ``connected``."""
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
     """Failed attempts per address, shared with the handshake's token check."""
+    welcomes: dict[tuple[bool, bool], bytes] = field(default_factory=dict)
+    """The ``connected`` frame per (subscribed, authenticated), stamped ``_STAMP``."""
+
+    def welcome(self, *, subscribed: bool, authenticated: bool) -> bytes:
+        """The ``connected`` frame for a new client, stamped now (built once per kind)."""
+        timestamp = format_timestamp()
+        key = (subscribed, authenticated)
+        template = self.welcomes.get(key)
+        if template is None:
+            template = self.welcomes[key] = self._welcome(subscribed, authenticated, _STAMP)
+        if len(timestamp) != len(_STAMP):  # a year before 1000 or after 9999
+            return self._welcome(subscribed, authenticated, timestamp)
+        return template.replace(_STAMP.encode(), timestamp.encode(), 1)
+
+    def _welcome(self, subscribed: bool, authenticated: bool, timestamp: str) -> bytes:
+        return text_frame(
+            encode(
+                connected_message(
+                    timestamp=timestamp,
+                    server_version=__version__,
+                    update_interval=self.update_interval,
+                    server_role=self.server_role,
+                    subscription="all" if subscribed else None,
+                    authenticated=authenticated,
+                    auth_required=self.token is not None,
+                )
+            )
+        )
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -121,15 +153,7 @@ class ClientSession(Subscriber):
         """
         self.authenticated = preauthenticated
         self.subscribed = self.policy.token is None or self.authenticated
-        welcome = connected_message(
-            timestamp=format_timestamp(),
-            server_version=__version__,
-            update_interval=self.policy.update_interval,
-            server_role=self.policy.server_role,
-            subscription="all" if self.subscribed else None,
-            authenticated=self.authenticated,
-            auth_required=self.policy.token is not None,
-        )
+        welcome = self.policy.welcome(subscribed=self.subscribed, authenticated=self.authenticated)
         self.hub.send_first(self, welcome)
         return self._converse()
 
