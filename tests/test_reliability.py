@@ -628,10 +628,13 @@ async def test_a_failing_tick_is_contained(
 # 3. Hostile sockets
 
 
-def client_frame(opcode: int, payload: bytes, *, announced: int | None = None) -> bytes:
-    """One masked client frame with FIN set; ``announced`` overrides the length field."""
+def client_frame(
+    opcode: int, payload: bytes, *, announced: int | None = None, fin: bool = True
+) -> bytes:
+    """One masked client frame (FIN set unless ``fin`` is False); ``announced`` overrides
+    the length field."""
     length = len(payload) if announced is None else announced
-    head = bytes([0x80 | opcode])
+    head = bytes([(0x80 if fin else 0) | opcode])
     if length < 126:
         head += bytes([0x80 | length])
     elif length < 1 << 16:
@@ -642,7 +645,7 @@ def client_frame(opcode: int, payload: bytes, *, announced: int | None = None) -
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-OP_TEXT, OP_BINARY, OP_CLOSE = 0x1, 0x2, 0x8
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 class RawClient:
@@ -760,6 +763,42 @@ async def test_invalid_utf8_text_frame_closes_only_that_connection_with_1007(
     await wait_until(lambda: server.status()["connections"] == 1)
     await cadence.kept(at_least=5)
     assert server.status()["errors"] == 0
+
+
+async def test_a_message_in_fragments_with_a_ping_between_them_is_answered(
+    start_server: ServerFactory, raw_client: RawFactory
+) -> None:
+    """A text message sent as three fragments, with a ping frame between the first two, is
+    read as one message (a ``pong`` message comes back) and the ping gets its pong frame."""
+    server = await start_server(update_interval=60.0)
+    raw = await raw_client(server.port)
+    await raw.read_text("connected")
+    await raw.send(
+        client_frame(OP_TEXT, b'{"type"', fin=False)
+        + client_frame(OP_PING, b"between")
+        + client_frame(OP_CONT, b': "pi', fin=False)
+        + client_frame(OP_CONT, b'ng"}')
+    )
+    assert await raw.read_frame() == (OP_PONG, b"between")
+    await raw.read_text("pong")
+    assert server.status()["errors"] == 0
+
+
+async def test_invalid_utf8_split_across_fragments_closes_with_1007(
+    start_server: ServerFactory, raw_client: RawFactory
+) -> None:
+    """A fragmented text message whose UTF-8 is invalid only once joined (a sequence cut by
+    the fragment boundary, then broken) is closed with 1007, like a single frame."""
+    server = await start_server(update_interval=60.0, close_timeout=0.2)
+    raw = await raw_client(server.port)
+    await raw.read_text("connected")
+    await raw.send(
+        client_frame(OP_TEXT, b'{"type": "ping", "x": "\xe2', fin=False)
+        + client_frame(OP_CONT, b'\x28\xa1"}')
+    )
+    code, _ = await raw.read_close()
+    assert code == 1007
+    await wait_until(lambda: server.status()["connections"] == 0)
 
 
 async def test_binary_frame_gets_unsupported_frame_and_the_connection_stays(

@@ -130,7 +130,13 @@ async def _serve_ours(
 
     Hub._tick = timed_tick  # type: ignore[method-assign]
     server = RealTimeMetricsServer(
-        "127.0.0.1", port, db, update_interval=interval, max_connections_per_ip=100_000
+        "127.0.0.1",
+        port,
+        db,
+        update_interval=interval,
+        # As many as the open-file limit allows (the default is 10,000).
+        max_connections=100_000,
+        max_connections_per_ip=100_000,
     )
     await server.start()
     return server
