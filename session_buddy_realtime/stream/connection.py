@@ -226,8 +226,9 @@ class Connection(asyncio.Protocol):
                         transport.write_eof()
                 else:
                     transport.close()
-        if self.deadline is None and self.protocol.state is State.CLOSING:
-            # The closing handshake gets close_timeout; then the socket is dropped.
+        if self.deadline is None and self.protocol.state is State.CLOSING and self.config.serving:
+            # The closing handshake gets close_timeout; then the socket is dropped. (Once
+            # the listener closes, its own deadline covers every connection.)
             self.deadline = self.loop.call_later(self.config.close_timeout, self.transport.abort)
 
     # asyncio.Protocol
