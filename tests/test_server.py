@@ -39,6 +39,7 @@ from tests.conftest import (
     url_of,
     wait_until,
 )
+from tests.http_support import http_request
 
 # Messages
 
@@ -693,3 +694,22 @@ async def test_the_welcome_leaves_in_the_same_write_as_the_handshake_response(
     assert welcome["type"] == "connected"
     first = next(data for data in writes if data.startswith(b"HTTP/1.1 101"))
     assert b'"type":"connected"' in first, "the welcome went out in a write of its own"
+
+
+async def test_no_response_names_the_server_software(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """Neither the WebSocket's 101 response, a refusal, nor an HTTP route's answer carries
+    a ``Server`` header."""
+    server = await start_server()
+    async with connect(url_of(server)) as client:
+        assert client.response is not None
+        assert "Server" not in client.response.headers
+    refused = await http_request(
+        server.port, "/", headers={"Upgrade": "websocket"}, host="evil.example"
+    )
+    assert refused.status == 403
+    health = await http_request(server.port, "/healthz")
+    assert health.status == 200
+    assert "server" not in refused.headers
+    assert "server" not in health.headers

@@ -6,9 +6,8 @@ import asyncio
 
 from websockets.protocol import State
 
-from session_buddy_realtime.protocol import CloseCode
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
-from session_buddy_realtime.stream.listener import Listener
+from session_buddy_realtime.stream.listener import Listener, going_away
 
 __all__ = ["close_listener"]
 
@@ -41,12 +40,7 @@ async def close_listener(
         await asyncio.gather(*registry.tls_handshakes, return_exceptions=True)
     # Every close frame now, from here, with one deadline for all.
     for connection in list(connections):
-        if connection.protocol.state is State.OPEN:
-            try:
-                connection.protocol.send_close(CloseCode.GOING_AWAY, "")
-                connection.send_data()
-            except Exception:  # a transport already failing: nothing to say goodbye on
-                connection.transport.abort()
+        going_away(connection)
     try:
         async with asyncio.timeout(close_timeout):
             await listener.wait_closed()

@@ -105,8 +105,6 @@ class Connection(asyncio.Protocol):
         "early",
         "loop",
         "protocol",
-        "request",
-        "response",
         "transport",
     )
 
@@ -115,8 +113,6 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.protocol = ServerProtocol(max_size=config.max_size, logger=config.protocol_logger)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on accept
-        self.request: Request | None = None
-        self.response: Response | None = None
         self.early: list[bytes] | None = None
         """Data that arrived between the TLS handshake and the connection taking it over."""
         self.deadline: asyncio.TimerHandle | None = None

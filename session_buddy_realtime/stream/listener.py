@@ -10,7 +10,7 @@ from websockets.protocol import State
 
 from session_buddy_realtime.stream.connection import Connection, ListenerConfig
 
-__all__ = ["Listener", "open_listener"]
+__all__ = ["Listener", "going_away", "open_listener"]
 
 
 class Listener:
@@ -27,21 +27,13 @@ class Listener:
         """The listening sockets (asyncio's wrappers)."""
         return self._server.sockets
 
-    def is_serving(self) -> bool:
-        """True until ``close()``."""
-        return self.config.serving
-
     def close(self, *, close_connections: bool = True) -> None:
         """Stop accepting; with ``close_connections``, send 1001 to every open connection."""
         self.config.serving = False
         self._server.close()
         if close_connections:
             for connection in list(self.config.registry.connections):
-                if connection.protocol.state is State.OPEN:
-                    connection.protocol.send_close(CloseCode.GOING_AWAY)
-                    connection.send_data()
-                elif connection.protocol.state is State.CONNECTING:
-                    connection.transport.abort()
+                going_away(connection)
 
     async def wait_closed(self) -> None:
         """Wait until the sockets are closed, every connection is gone and every
@@ -55,6 +47,19 @@ class Listener:
     def _check_settled(self) -> None:
         if not self.config.registry.connections and not self.config.tasks:
             self._settled.set()
+
+
+def going_away(connection: Connection) -> None:
+    """Send 1001 to an open connection; drop one still in its handshake (or whose
+    transport is already failing: nothing to say goodbye on)."""
+    if connection.protocol.state is State.CONNECTING:
+        connection.transport.abort()
+    elif connection.protocol.state is State.OPEN:
+        try:
+            connection.protocol.send_close(CloseCode.GOING_AWAY)
+            connection.send_data()
+        except Exception:
+            connection.transport.abort()
 
 
 async def open_listener(host: str, port: int, config: ListenerConfig, *, backlog: int) -> Listener:

@@ -3,9 +3,8 @@
 A connection hands its first request here (``answer``): the listener's
 ``process_request`` (the router: a route's response, a refusal, or None to upgrade),
 then its ``process_response`` (the gate's bookkeeping), then the response. After a
-101 the connection drops what only the handshake needed and its handler runs in a
-task of its own; the response stays queued for the handler's first message to take
-along (``write_first``).
+101 the request's headers are dropped and the handler runs in a task of its own; the
+response stays queued for the handler's first message to take along (``write_first``).
 """
 
 from __future__ import annotations
@@ -63,7 +62,6 @@ def socket_options(dead_peer: tuple[float, float] | None) -> list[tuple[int, int
 def answer(connection: Connection, request: Request) -> None:
     """Answer the opening handshake's request: a route's response, a refusal, or the
     upgrade, after which the handler runs (see ``ListenerConfig``)."""
-    connection.request = request
     try:
         answer = connection.config.process_request(connection, request)
     except Exception:
@@ -110,7 +108,6 @@ def _respond(connection: Connection, request: Request, response: Response | None
         response = protocol.reject(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n"
         )
-    connection.response = response
     protocol.send_response(response)
     if connection.deadline is not None:
         connection.deadline.cancel()
@@ -119,12 +116,13 @@ def _respond(connection: Connection, request: Request, response: Response | None
         connection.send_data()  # the refusal, then the end of the stream
         return
     # Open: the response stays queued for the handler's first message to take along
-    # (``write_first``); should the handler send nothing at once, it goes out now.
-    request.headers, connection.response = _NO_HEADERS, None
+    # (``write_first``, from the handler's synchronous start); if it sent nothing, the
+    # response goes out now.
+    request.headers = _NO_HEADERS
     task = connection.loop.create_task(config.handler(connection))
     config.tasks.add(task)
     task.add_done_callback(functools.partial(_handler_done, connection))
-    connection.loop.call_soon(connection.send_data)
+    connection.send_data()
 
 
 def _handler_done(connection: Connection, task: asyncio.Task[Any]) -> None:
