@@ -156,7 +156,7 @@ class FakeProtocol:
 
 
 class FakeConnection:
-    """What a session and the hub use of a ServerConnection, without a socket."""
+    """What a session and the hub use of a Connection, without a socket."""
 
     remote_address = ("203.0.113.7", 40000)
 
@@ -170,6 +170,9 @@ class FakeConnection:
 
     async def send(self, text: str) -> None:
         self.sent.append(json.loads(text))
+
+    def send_data(self, then: bytes = b"") -> None:
+        self.transport.write(then)
 
     async def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)

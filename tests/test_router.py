@@ -8,22 +8,25 @@ from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import Server
 from websockets.http11 import Request, Response
 
 from session_buddy_realtime.errors import PortInUseError
-from session_buddy_realtime.stream.router import HttpRouter, listen
+from session_buddy_realtime.stream.connection import Connection
+from session_buddy_realtime.stream.router import HttpRouter, http_response, listen
 from tests.conftest import UNIT
 from tests.http_support import bare_router
 
 
-async def _greet(connection: ServerConnection) -> None:
+async def _greet(connection: Connection) -> None:
     await connection.send("hello over websocket")
     await connection.wait_closed()
 
 
-def _hello_route(connection: ServerConnection, request: Request) -> Response:
-    return connection.respond(http.HTTPStatus.OK, f"hello over http at {request.path}\n")
+def _hello_route(connection: Connection, request: Request) -> Response:
+    return http_response(
+        http.HTTPStatus.OK, f"hello over http at {request.path}\n".encode(), "text/plain"
+    )
 
 
 async def _http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
@@ -98,9 +101,9 @@ async def test_routes_are_behind_the_gates_host_check(
     server, router = listener
     called: list[str] = []
 
-    def route(connection: ServerConnection, request: Request) -> Response:
+    def route(connection: Connection, request: Request) -> Response:
         called.append(request.path)
-        return connection.respond(http.HTTPStatus.OK, "should not be reached\n")
+        return http_response(http.HTTPStatus.OK, b"should not be reached\n", "text/plain")
 
     router.add_route("/hello", route)
     status, _ = await _http_get(_port(server), "/hello", host="attacker.example")
@@ -113,9 +116,9 @@ async def test_an_async_route_is_awaited(listener: tuple[Server, HttpRouter]) ->
     """A route may be a coroutine function (for answers that need to await a read)."""
     server, router = listener
 
-    async def route(connection: ServerConnection, request: Request) -> Response:
+    async def route(connection: Connection, request: Request) -> Response:
         await asyncio.sleep(0)
-        return connection.respond(http.HTTPStatus.OK, "awaited\n")
+        return http_response(http.HTTPStatus.OK, b"awaited\n", "text/plain")
 
     router.add_route("/later", route)
     assert await _http_get(_port(server), "/later") == (200, "awaited\n")

@@ -32,7 +32,7 @@ async def close_listener(
     listener.close(close_connections=False)
     connections = registry.connections
     for connection in list(connections):
-        if connection.state is State.CONNECTING:
+        if connection.protocol.state is State.CONNECTING:
             connection.transport.abort()
         elif connection.transport.get_write_buffer_size() > max_buffered_bytes:
             drop(connection)  # reset: its backlog is discarded, not sent first

@@ -1,19 +1,17 @@
 """One accepted connection: an asyncio protocol on the library's sans-I/O ``ServerProtocol``.
 
-The library parses HTTP and frames, answers pings and closes, and builds the handshake's
-response; this class does the I/O around it with as little per connection as it can:
-no task until the WebSocket is open (then one, running the session), no coroutine
-while the client is quiet (``recv()`` hands out a future), queues only when used.
-Every accepted socket enters the registry at once (the socket caps apply before any
-byte is read), TLS runs after it is counted, and once open the connection lets go of
-what only the handshake needed.
+The library parses frames, answers pings and closes, and reads any opening request the
+quick reading (``handshake``) leaves to it; this class does the I/O around it with as
+little per connection as it can: no task until the WebSocket is open (then one, running
+the session), no coroutine while the client is quiet (``recv()`` hands out a future),
+queues only when used. Every accepted socket enters the registry at once (the socket
+caps apply before any byte is read), and TLS runs after it is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import logging
 import os
 import ssl
@@ -26,12 +24,9 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-__all__ = [
-    "Connection",
-    "Handler",
-    "ListenerConfig",
-    "Registry",
-]
+from session_buddy_realtime.stream.handshake import read_upgrade
+
+__all__ = ["Connection", "Handler", "ListenerConfig", "Registry"]
 
 _MAX_QUEUE: Final = 16
 """Messages received and not yet read at which reading from the socket pauses."""
@@ -52,7 +47,8 @@ class Registry(Protocol):
 
 
 ProcessRequest = Callable[["Connection", Request], Response | Awaitable[Response] | None]
-ProcessResponse = Callable[["Connection", Request, Response], None]
+ProcessResponse = Callable[["Connection", Request, int], None]
+"""Told the status of the handshake's answer before it is sent."""
 Handler = Callable[["Connection"], Coroutine[Any, Any, None]]
 
 
@@ -61,8 +57,9 @@ class ListenerConfig:
     """What every connection of one listener shares: its settings and its hooks."""
 
     registry: Registry
-    answer: Callable[[Connection, Request], None]
-    """Answers the opening handshake's request (``opening.answer``)."""
+    answer: Callable[[Connection, Request, str | None], None]
+    """Answers the opening handshake's request (``opening.answer``), given the
+    ``Sec-WebSocket-Accept`` value of an upgrade the quick reading checked."""
     handler: Handler
     process_request: ProcessRequest
     process_response: ProcessResponse
@@ -103,9 +100,11 @@ class Connection(asyncio.Protocol):
         "config",
         "deadline",
         "early",
+        "held",
         "loop",
         "protocol",
         "transport",
+        "unread",
     )
 
     def __init__(self, config: ListenerConfig) -> None:
@@ -117,6 +116,9 @@ class Connection(asyncio.Protocol):
         """Data that arrived between the TLS handshake and the connection taking it over."""
         self.deadline: asyncio.TimerHandle | None = None
         """The opening handshake's deadline, then the closing handshake's."""
+        self.unread = True  # nothing received yet: the first bytes may get the quick reading
+        self.held: bytes | None = None
+        """A 101 response not yet written (see ``send_data``)."""
         self._messages: list[str | bytes] | None = None
         self._receiver: asyncio.Future[str | bytes] | None = None
         self._fragments: list[Frame] | None = None
@@ -128,18 +130,9 @@ class Connection(asyncio.Protocol):
     # What the server uses
 
     @property
-    def state(self) -> State:
-        """The WebSocket's state (CONNECTING, OPEN, CLOSING, CLOSED)."""
-        return self.protocol.state
-
-    @property
     def remote_address(self) -> Any:
         """The peer's address, as the socket gives it."""
         return self.transport.get_extra_info("peername")
-
-    def respond(self, status: http.HTTPStatus, text: str) -> Response:
-        """A plain text HTTP response (a refusal, or a route's answer)."""
-        return self.protocol.reject(status, text)
 
     def recv(self) -> Awaitable[str | bytes]:
         """The next message (str for text, bytes for binary).
@@ -208,15 +201,22 @@ class Connection(asyncio.Protocol):
             self._closed = self.loop.create_future()
         await asyncio.shield(self._closed)
 
-    def send_data(self) -> None:
-        """Write what the protocol has to send, in one write; half-close at its end."""
+    def send_data(self, then: bytes = b"") -> None:
+        """Write a held response, what the protocol has to send, then ``then`` (a
+        prebuilt frame), in one write; half-close at the protocol's end of stream."""
         chunks = self.protocol.data_to_send()
+        ending = bool(chunks) and not chunks[-1]
+        if self.held is not None:
+            chunks.insert(0, self.held)
+            self.held = None
+        if then:
+            chunks.append(then)
         if chunks:
             transport = self.transport
             data = b"".join(chunks)
             if data:
                 transport.write(data)
-            if not chunks[-1]:  # the protocol's end of stream
+            if ending:
                 if transport.can_write_eof():
                     with contextlib.suppress(OSError, RuntimeError):
                         transport.write_eof()
@@ -282,13 +282,21 @@ class Connection(asyncio.Protocol):
         if self.transport.get_write_buffer_size() > registry.write_limit:
             registry.drop(self, "not_reading")
             return
+        if self.unread:
+            self.unread = False
+            # (The library's reading logs each header when its logger is at DEBUG.)
+            debug = self.config.protocol_logger.isEnabledFor(logging.DEBUG)
+            upgrade = None if debug else read_upgrade(data)
+            if upgrade is not None:
+                self.config.answer(self, upgrade.request, upgrade.accept)
+                return
         protocol = self.protocol
         protocol.receive_data(data)
         events = protocol.events_received()
         self.send_data()
         for event in events:
             if isinstance(event, Request):
-                self.config.answer(self, event)
+                self.config.answer(self, event, None)
             elif protocol.state is not State.CONNECTING:
                 self._frame(event)
 

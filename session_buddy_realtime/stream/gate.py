@@ -233,14 +233,14 @@ class HandshakeGate:
             self.registry.preauthenticated.add(connection)
         return None
 
-    def responded(self, connection: Connection, request: Request, response: Response) -> None:
+    def responded(self, connection: Connection, request: Request, status: int) -> None:
         """After the handshake's answer: a WebSocket that opened counts as admitted.
 
         A refusal, a plain route's answer or an upgrade the library rejected holds no
         slot. No await comes between ``admit`` and this, so concurrent handshakes never
         admit more than the limit.
         """
-        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+        if status == http.HTTPStatus.SWITCHING_PROTOCOLS:
             self.registry.admitted.add(connection)
         else:
             self.registry.preauthenticated.discard(connection)
@@ -264,7 +264,7 @@ class HandshakeGate:
                 reason,
                 self.refused[reason],
             )
-        return connection.respond(status, text + "\n")
+        return connection.protocol.reject(status, text + "\n")
 
 
 def default_max_connections() -> int:

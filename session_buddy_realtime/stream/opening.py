@@ -4,7 +4,7 @@ A connection hands its first request here (``answer``): the listener's
 ``process_request`` (the router: a route's response, a refusal, or None to upgrade),
 then its ``process_response`` (the gate's bookkeeping), then the response. After a
 101 the request's headers are dropped and the handler runs in a task of its own; the
-response stays queued for the handler's first message to take along (``write_first``).
+response is held for the handler's first message to take along (``write_first``).
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ import inspect
 import logging
 import socket
 from collections.abc import Awaitable
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.gate import SEND_BUFFER_BYTES
+from session_buddy_realtime.stream.handshake import switching_protocols
 
 __all__ = ["answer", "socket_options", "text_frame", "write_first"]
 
@@ -59,31 +61,36 @@ def socket_options(dead_peer: tuple[float, float] | None) -> list[tuple[int, int
     return options
 
 
-def answer(connection: Connection, request: Request) -> None:
+def answer(connection: Connection, request: Request, accept: str | None) -> None:
     """Answer the opening handshake's request: a route's response, a refusal, or the
-    upgrade, after which the handler runs (see ``ListenerConfig``)."""
+    upgrade, after which the handler runs (see ``ListenerConfig``).
+
+    ``accept`` is the ``Sec-WebSocket-Accept`` value of an upgrade that the quick
+    reading (``handshake.read_upgrade``) checked; None for a request the library read,
+    which then checks the upgrade and builds the response.
+    """
     try:
         answer = connection.config.process_request(connection, request)
     except Exception:
         logger.exception("process_request failed")
         answer = _failed(connection)
     if inspect.isawaitable(answer):
-        task = connection.loop.create_task(_answer_later(connection, request, answer))
+        task = connection.loop.create_task(_answer_later(connection, request, answer, accept))
         connection.config.tasks.add(task)
         task.add_done_callback(connection.config.task_done)
         return
-    _respond(connection, request, answer)
+    _respond(connection, request, answer, accept)
 
 
 async def _answer_later(
-    connection: Connection, request: Request, answer: Awaitable[Response]
+    connection: Connection, request: Request, answer: Awaitable[Response], accept: str | None
 ) -> None:
     try:
         response = await answer
     except Exception:
         logger.exception("process_request failed")
         response = _failed(connection)
-    _respond(connection, request, response)
+    _respond(connection, request, response, accept)
 
 
 def _failed(connection: Connection) -> Response:
@@ -93,29 +100,42 @@ def _failed(connection: Connection) -> Response:
     )
 
 
-def _respond(connection: Connection, request: Request, response: Response | None) -> None:
+def _respond(
+    connection: Connection, request: Request, response: Response | None, accept: str | None
+) -> None:
     protocol, config = connection.protocol, connection.config
     if protocol.state is not State.CONNECTING or connection.transport.is_closing():
         return  # gone (or dropped) while a route was answering
-    if response is None:
+    if response is None and accept is None:
         response = protocol.accept(request)
+    status = http.HTTPStatus.SWITCHING_PROTOCOLS if response is None else response.status_code
     try:
-        config.process_response(connection, request, response)
+        config.process_response(connection, request, status)
     except Exception:
         logger.exception("process_response failed")
         response = _failed(connection)
-    if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and not config.serving:
+    opening = response is None or response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS
+    if opening and not config.serving:
         response = protocol.reject(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n"
         )
-    protocol.send_response(response)
+    if response is None:
+        # The quick reading's upgrade: a protocol that starts open, and the response
+        # the library would have written.
+        assert accept is not None
+        connection.protocol = ServerProtocol(
+            state=State.OPEN, max_size=config.max_size, logger=config.protocol_logger
+        )
+        connection.held = switching_protocols(accept)
+    else:
+        protocol.send_response(response)
     if connection.deadline is not None:
         connection.deadline.cancel()
         connection.deadline = None
-    if cast(State, protocol.state) is not State.OPEN:
+    if connection.protocol.state is not State.OPEN:
         connection.send_data()  # the refusal, then the end of the stream
         return
-    # Open: the response stays queued for the handler's first message to take along
+    # Open: the response is held for the handler's first message to take along
     # (``write_first``, from the handler's synchronous start); if it sent nothing, the
     # response goes out now.
     request.headers = _NO_HEADERS
@@ -150,5 +170,4 @@ def write_first(connection: Connection, frame: bytes) -> None:
     """Write ``frame`` as the first message of an open connection, in one write with the
     handshake's response, which the connection holds until then: one segment, one system
     call, where two would each wake the client."""
-    held = b"".join(connection.protocol.data_to_send())
-    connection.transport.write(held + frame if held else frame)
+    connection.send_data(frame)
