@@ -1,11 +1,14 @@
-"""The quick reading of the opening request: what it takes, the library answers alike."""
+"""The quick reading of the opening request (what it takes, the library answers alike)
+and the listener's own accept path."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +18,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from session_buddy_realtime.stream import listener as listener_module
 from session_buddy_realtime.stream.handshake import read_upgrade, switching_protocols
 from tests.conftest import UNIT, ServerFactory, SkillsDB, url_of, wait_until
 
@@ -246,3 +250,54 @@ async def test_with_the_protocol_log_at_debug_the_library_reads_and_logs_the_req
     assert (await _read_head(reader)).startswith(b"HTTP/1.1 101")
     assert any("< GET / HTTP/1.1" in record.getMessage() for record in caplog.records)
     writer.close()
+
+
+# The listener's own accept path
+
+
+class _OutOfFiles:
+    """A listening socket whose accept() fails as it does when the process has no file left."""
+
+    def accept(self) -> tuple[socket.socket, object]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_out_of_files_at_accept_pauses_accepting_then_a_waiting_client_is_served(
+    skills_db: SkillsDB,
+    start_server: ServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """EMFILE at accept: one warning, accepting pauses (the socket would stay readable),
+    and when it resumes a client that connected meanwhile gets its 101."""
+    monkeypatch.setattr(listener_module, "ACCEPT_RETRY_DELAY", 5 * UNIT)
+    server = await start_server()
+    running = server._running
+    assert running is not None
+    listener = running.listener
+    loop = asyncio.get_running_loop()
+    listener._accept(loop, _OutOfFiles(), 100)  # type: ignore[arg-type]
+    assert listener._retry is not None
+    assert [r.getMessage() for r in caplog.records if "accepting paused" in r.getMessage()]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(PLAIN)
+    assert (await _read_head(reader)).startswith(b"HTTP/1.1 101")
+    assert listener._retry is None
+    writer.close()
+
+
+async def test_on_a_loop_it_cannot_accept_on_the_listener_uses_the_loops_server(
+    skills_db: SkillsDB, start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the listener cannot make transports itself (another event loop), asyncio's
+    create_server accepts: clients still get their welcome, and stop() still ends them."""
+    monkeypatch.setattr(listener_module, "accepts_itself", lambda loop: False)
+    server = await start_server()
+    assert server._running is not None
+    assert server._running.listener._accepting == []
+    async with connect(url_of(server)) as ws:
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), 40 * UNIT))
+        assert welcome["type"] == "connected"
+        await server.stop()
+        await asyncio.wait_for(ws.wait_closed(), 40 * UNIT)
+    assert ws.close_code == 1001
