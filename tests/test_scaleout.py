@@ -199,7 +199,10 @@ async def test_http_endpoints_of_an_edge(
     producer's state, and the dashboard page."""
     producer = await start()
     edge = await start(edge=True)
-    await open_client(url_of(edge))  # watched: the producer publishes
+    client = await open_client(url_of(edge))  # watched: the producer publishes
+    # The edge has the producer's state once its client does (asked sooner, the snapshot
+    # would rightly say there is no data yet).
+    await update_where(client, lambda u: u["source"]["state"] == "ok")
     health = await http_request(edge.port, "/healthz")
     assert (health.status, health.json()) == (200, {"status": "ok"})
     snapshot = await http_request(edge.port, "/api/snapshot?skill=skill-11")
