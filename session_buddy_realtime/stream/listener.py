@@ -42,16 +42,20 @@ class Listener:
         """Our own handles on the listening sockets, when this listener accepts."""
         self._retry: asyncio.TimerHandle | None = None
 
-    def accept_itself(self, backlog: int) -> None:
-        """Listen, and accept on each readiness up to ``backlog`` connections by itself."""
+    def _listen(self, pending: int, batch: int, *, accept: bool) -> None:
+        """Let the kernel queue ``pending`` connections; with ``accept``, accept them by
+        ourselves, up to ``batch`` on each readiness."""
         loop = asyncio.get_running_loop()
         for wrapped in self.sockets:
             # A descriptor of our own: asyncio's wrapper can neither listen() nor accept().
             sock = socket.socket(fileno=os.dup(wrapped.fileno()))
+            sock.listen(pending)
+            if not accept:
+                sock.close()  # the duplicate only; asyncio's server accepts on its own
+                continue
             sock.setblocking(False)
-            sock.listen(backlog)
             self._accepting.append(sock)
-            loop.add_reader(sock.fileno(), self._accept, loop, sock, backlog)
+            loop.add_reader(sock.fileno(), self._accept, loop, sock, batch)
 
     def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, backlog: int) -> None:
         for _ in range(backlog):
@@ -128,16 +132,19 @@ def going_away(connection: Connection) -> None:
             connection.transport.abort()
 
 
-async def open_listener(host: str, port: int, config: ListenerConfig, *, backlog: int) -> Listener:
-    """Listen on ``host``:``port``; every accepted socket becomes a ``Connection``."""
+async def open_listener(
+    host: str, port: int, config: ListenerConfig, *, pending: int, batch: int
+) -> Listener:
+    """Listen on ``host``:``port``, the kernel queueing ``pending`` connections, accepted
+    ``batch`` at a time (asyncio's server uses one number for both); every accepted socket
+    becomes a ``Connection``."""
     loop = asyncio.get_running_loop()
     itself = accepts_itself(loop)
     server = await loop.create_server(
-        lambda: Connection(config), host, port, backlog=backlog, start_serving=not itself
+        lambda: Connection(config), host, port, backlog=batch, start_serving=not itself
     )
     listener = Listener(server, config)
-    if itself:
-        listener.accept_itself(backlog)
+    listener._listen(pending, batch, accept=itself)
     return listener
 
 

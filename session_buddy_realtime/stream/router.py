@@ -14,8 +14,6 @@ import contextlib
 import email.utils
 import errno
 import http
-import os
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
@@ -172,7 +170,9 @@ async def listen(
         tls=ssl_context,  # done by the connection, after the socket is counted
     )
     try:
-        listener = await open_listener(host.strip("[]"), port, config, backlog=listen_backlog())
+        listener = await open_listener(
+            host.strip("[]"), port, config, pending=PENDING_BACKLOG, batch=listen_backlog()
+        )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(
@@ -180,21 +180,16 @@ async def listen(
                 f"port or stop the process that holds it"
             ) from exc
         raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    _prepare_listening_sockets(listener, socket_options(dead_peer))
+    _set_inherited_options(listener, socket_options(dead_peer))
     return listener
 
 
-def _prepare_listening_sockets(listener: Listener, options: list[tuple[int, int, int]]) -> None:
-    """Set what every accepted socket inherits, and let the kernel queue
-    ``PENDING_BACKLOG`` connections while asyncio accepts them in batches of
-    ``listen_backlog()`` (asyncio uses one number for both)."""
-    for wrapped in listener.sockets:
-        # Through a duplicate of its descriptor: asyncio's wrapper cannot listen().
-        with socket.socket(fileno=os.dup(wrapped.fileno())) as sock:
-            for level, name, value in options:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(level, name, value)
-            sock.listen(PENDING_BACKLOG)
+def _set_inherited_options(listener: Listener, options: list[tuple[int, int, int]]) -> None:
+    """Set on the listening sockets what every accepted socket inherits."""
+    for sock in listener.sockets:
+        for level, name, value in options:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, name, value)
 
 
 def _is_upgrade(request: Request) -> bool:
