@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from websockets.protocol import State
-
 from session_buddy_realtime.stream.gate import ConnectionRegistry, drop
 from session_buddy_realtime.stream.listener import Listener, going_away
 
@@ -32,7 +30,7 @@ async def close_listener(
     listener.close(close_connections=False)
     connections = registry.connections
     for connection in list(connections):
-        if connection.protocol.state is State.CONNECTING:
+        if connection.opening:
             connection.transport.abort()
         elif connection.transport.get_write_buffer_size() > max_buffered_bytes:
             drop(connection)  # reset: its backlog is discarded, not sent first

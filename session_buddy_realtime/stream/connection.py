@@ -96,13 +96,13 @@ class Connection(asyncio.Protocol):
         "_lost",
         "_messages",
         "_pings",
+        "_protocol",
         "_receiver",
         "config",
         "deadline",
         "early",
         "held",
         "loop",
-        "protocol",
         "transport",
         "unread",
     )
@@ -110,7 +110,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, config: ListenerConfig) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
-        self.protocol = ServerProtocol(max_size=config.max_size, logger=config.protocol_logger)
+        self._protocol: ServerProtocol | None = None
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on accept
         self.early: list[bytes] | None = None
         """Data that arrived between the TLS handshake and the connection taking it over."""
@@ -128,6 +128,27 @@ class Connection(asyncio.Protocol):
         self._lost = False
 
     # What the server uses
+
+    @property
+    def protocol(self) -> ServerProtocol:
+        """The library's protocol for this connection, made when first asked for: an
+        upgrade that the quick reading answers never needs one for its handshake."""
+        protocol = self._protocol
+        if protocol is None:
+            config = self.config
+            protocol = ServerProtocol(max_size=config.max_size, logger=config.protocol_logger)
+            self._protocol = protocol
+        return protocol
+
+    @protocol.setter
+    def protocol(self, protocol: ServerProtocol) -> None:
+        self._protocol = protocol
+
+    @property
+    def opening(self) -> bool:
+        """Whether the opening handshake is still under way."""
+        protocol = self._protocol
+        return protocol is None or protocol.state is State.CONNECTING
 
     @property
     def remote_address(self) -> Any:
@@ -189,7 +210,7 @@ class Connection(asyncio.Protocol):
         if self.protocol.state is State.OPEN:
             self.protocol.send_close(code, reason)
             self.send_data()
-        elif self.protocol.state is State.CONNECTING:
+        elif self.opening:
             self.transport.abort()
         await self.wait_closed()
 
@@ -271,7 +292,7 @@ class Connection(asyncio.Protocol):
             self.data_received(data)
 
     def _opening_timed_out(self) -> None:
-        if self.protocol.state is State.CONNECTING:
+        if self.opening:
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:

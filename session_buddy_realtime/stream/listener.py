@@ -122,7 +122,7 @@ class Listener:
 def going_away(connection: Connection) -> None:
     """Send 1001 to an open connection; drop one still in its handshake (or whose
     transport is already failing: nothing to say goodbye on)."""
-    if connection.protocol.state is State.CONNECTING:
+    if connection.opening:
         connection.transport.abort()
     elif connection.protocol.state is State.OPEN:
         try:

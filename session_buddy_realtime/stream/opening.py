@@ -103,11 +103,11 @@ def _failed(connection: Connection) -> Response:
 def _respond(
     connection: Connection, request: Request, response: Response | None, accept: str | None
 ) -> None:
-    protocol, config = connection.protocol, connection.config
-    if protocol.state is not State.CONNECTING or connection.transport.is_closing():
+    config = connection.config
+    if not connection.opening or connection.transport.is_closing():
         return  # gone (or dropped) while a route was answering
     if response is None and accept is None:
-        response = protocol.accept(request)
+        response = connection.protocol.accept(request)
     status = http.HTTPStatus.SWITCHING_PROTOCOLS if response is None else response.status_code
     try:
         config.process_response(connection, request, status)
@@ -116,7 +116,7 @@ def _respond(
         response = _failed(connection)
     opening = response is None or response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS
     if opening and not config.serving:
-        response = protocol.reject(
+        response = connection.protocol.reject(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n"
         )
     if response is None:
@@ -128,7 +128,7 @@ def _respond(
         )
         connection.held = switching_protocols(accept)
     else:
-        protocol.send_response(response)
+        connection.protocol.send_response(response)
     if connection.deadline is not None:
         connection.deadline.cancel()
         connection.deadline = None
