@@ -438,6 +438,49 @@ async def test_clients_connecting_and_leaving_during_broadcasts(
     await steady.recv_type("metrics_update")
 
 
+async def test_a_quiet_client_holds_no_task_until_it_speaks(
+    ranked_db: SkillsDB, start_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """A client that sends nothing gets its welcome and its updates with no task of its
+    own; its first message starts one, and is answered."""
+    server = await start_server()
+    assert server._running is not None
+    tasks = server._running.listener.config.tasks
+    client = await open_client(url_of(server))
+    await client.recv_type("metrics_update")
+    assert tasks == set()
+    await client.send_json({"type": "ping"})
+    await client.recv_type("pong")
+    assert len(tasks) == 1
+
+
+async def test_quiet_clients_that_leave_are_forgotten(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """Clients that never sent a message and then go (with a close frame, or a reset)
+    leave the client count, the registry and the listener's tasks."""
+    server = await start_server()
+    assert server._running is not None
+    config = server._running.listener.config
+    polite = [await connect(url_of(server)) for _ in range(3)]
+    abrupt = [await connect(url_of(server)) for _ in range(3)]
+    for ws in polite + abrupt:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 40 * UNIT))["type"] == "connected"
+    assert server.status()["client_count"] == 6
+    for ws in polite:
+        await ws.close()
+    for ws in abrupt:
+        ws.transport.abort()
+    await wait_until(
+        lambda: (
+            server.status()["client_count"] == 0
+            and not config.registry.connections
+            and not config.tasks
+        )
+    )
+    assert server.status()["errors"] == 0
+
+
 # Lifecycle
 
 

@@ -125,7 +125,9 @@ async def test_serve_welcomes_then_answers_until_the_connection_ends() -> None:
     """serve() sends connected (with the interval and no auth required), answers each
     incoming message in order, and returns when the messages end."""
     session, connection, _ = _session(incoming=['{"type": "ping"}', '{"type": "unsubscribe"}'])
-    await session.serve(preauthenticated=False)
+    served = session.serve(preauthenticated=False)
+    assert callable(served), "with nothing to authenticate, the session waits for the client"
+    await served()
     replies = _valid(connection.transport.frames() + connection.sent)
     assert [m["type"] for m in replies] == ["connected", "pong", "unsubscribed"]
     assert replies[0]["update_interval"] == 1.0

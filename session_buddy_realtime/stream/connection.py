@@ -2,34 +2,36 @@
 
 The library parses frames, answers pings and closes, and reads any opening request the
 quick reading (``handshake``) leaves to it; this class does the I/O around it with as
-little per connection as it can: no task until the WebSocket is open (then one, running
-the session), no coroutine while the client is quiet (``recv()`` hands out a future),
-queues only when used. Every accepted socket enters the registry at once (the socket
-caps apply before any byte is read), and TLS runs after it is counted.
+little per connection as it can: no task until the handler has something to do (see
+``receiving``), no coroutine while the client is quiet, queues only when used. Every
+accepted socket enters the registry at once (the socket caps apply before any byte is
+read), and TLS runs after it is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from session_buddy_realtime.stream.handshake import read_upgrade
+from session_buddy_realtime.stream.receiving import Receiving, Waiting
 
 __all__ = ["Connection", "Handler", "ListenerConfig", "Registry"]
 
-_MAX_QUEUE: Final = 16
-"""Messages received and not yet read at which reading from the socket pauses."""
+logger = logging.getLogger(__name__)
+
 _WRITE_LIMIT: Final = 32 * 1024
 """Unsent bytes above which ``send()`` waits for the transport to drain."""
 
@@ -49,7 +51,9 @@ class Registry(Protocol):
 ProcessRequest = Callable[["Connection", Request], Response | Awaitable[Response] | None]
 ProcessResponse = Callable[["Connection", Request, int], None]
 """Told the status of the handshake's answer before it is sent."""
-Handler = Callable[["Connection"], Coroutine[Any, Any, None]]
+Handler = Callable[["Connection"], Coroutine[Any, Any, None] | Waiting]
+"""Serves an open connection: its coroutine runs at once, or it is ``Waiting`` for the
+client's first message (or the connection's end)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -79,8 +83,27 @@ class ListenerConfig:
         self.tasks.discard(task)
         self.settled()
 
+    def run(self, connection: Connection, handler: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's handler in a task of ``tasks``; when it returns, the
+        connection is closed (1011 if it failed)."""
+        task = connection.loop.create_task(handler)
+        self.tasks.add(task)
+        task.add_done_callback(functools.partial(_handler_done, connection))
 
-class Connection(asyncio.Protocol):
+
+def _handler_done(connection: Connection, task: asyncio.Task[Any]) -> None:
+    failed = None if task.cancelled() else task.exception()
+    if failed is not None and not isinstance(failed, ConnectionClosed):
+        logger.error("connection handler failed", exc_info=failed)
+    if connection.protocol.state is State.OPEN:
+        connection.protocol.send_close(
+            CloseCode.INTERNAL_ERROR if failed is not None else CloseCode.NORMAL_CLOSURE
+        )
+        connection.send_data()
+    connection.config.task_done(task)
+
+
+class Connection(Receiving, asyncio.Protocol):
     """One TCP connection: its handshake, its frames, and what the rest of the server uses
     of it (``send``, ``recv``, ``ping``, ``close``, ``transport``, ``protocol.state``).
 
@@ -92,12 +115,8 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_closed",
         "_drained",
-        "_fragments",
         "_lost",
-        "_messages",
-        "_pings",
         "_protocol",
-        "_receiver",
         "config",
         "deadline",
         "early",
@@ -108,6 +127,7 @@ class Connection(asyncio.Protocol):
     )
 
     def __init__(self, config: ListenerConfig) -> None:
+        super().__init__()
         self.config = config
         self.loop = asyncio.get_running_loop()
         self._protocol: ServerProtocol | None = None
@@ -119,10 +139,6 @@ class Connection(asyncio.Protocol):
         self.unread = True  # nothing received yet: the first bytes may get the quick reading
         self.held: bytes | None = None
         """A 101 response not yet written (see ``send_data``)."""
-        self._messages: list[str | bytes] | None = None
-        self._receiver: asyncio.Future[str | bytes] | None = None
-        self._fragments: list[Frame] | None = None
-        self._pings: dict[bytes, tuple[asyncio.Future[float], float]] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self._lost = False
@@ -155,24 +171,6 @@ class Connection(asyncio.Protocol):
         """The peer's address, as the socket gives it."""
         return self.transport.get_extra_info("peername")
 
-    def recv(self) -> Awaitable[str | bytes]:
-        """The next message (str for text, bytes for binary).
-
-        Raises:
-            ConnectionClosed: the connection closed and every message was read.
-        """
-        future: asyncio.Future[str | bytes] = self.loop.create_future()
-        messages = self._messages
-        if messages:
-            future.set_result(messages.pop(0))
-            if len(messages) <= _MAX_QUEUE // 4 and not self.transport.is_closing():
-                self.transport.resume_reading()
-            return future
-        if self.protocol.state is State.CLOSED:
-            raise self.protocol.close_exc
-        self._receiver = future
-        return future
-
     async def send(self, message: str | bytes) -> None:
         """Send one message; waits while the client's unsent data is over the limit.
 
@@ -192,17 +190,6 @@ class Connection(asyncio.Protocol):
             await self._drained
         if cast(State, protocol.state) is State.CLOSED:  # closed while it drained
             raise protocol.close_exc
-
-    async def ping(self) -> asyncio.Future[float]:
-        """Send a ping; the future gets the round trip in seconds when the pong comes."""
-        data = os.urandom(4)
-        self.protocol.send_ping(data)
-        self.send_data()
-        waiter: asyncio.Future[float] = self.loop.create_future()
-        if self._pings is None:
-            self._pings = {}
-        self._pings[data] = (waiter, self.loop.time())
-        return waiter
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Send a close frame and wait until the connection is closed (the closing
@@ -325,6 +312,11 @@ class Connection(asyncio.Protocol):
         self.protocol.receive_eof()
         self.send_data()
 
+    def wake(self) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            self.config.run(self, waiting())
+
     def _forget(self) -> None:
         self.config.registry.remove(self)
         self.config.settled()
@@ -332,6 +324,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         protocol = self.protocol
         protocol.receive_eof()  # idempotent; the state is CLOSED from here on
+        if self.waiting is not None:
+            self.wake()  # before the listener can see no connection and no task
         self._forget()
         if self.deadline is not None:
             self.deadline.cancel()
@@ -339,14 +333,7 @@ class Connection(asyncio.Protocol):
         if self.early is not None:  # the TLS handshake never finished
             self.early = None
             return
-        closed = protocol.close_exc
-        receiver, self._receiver = self._receiver, None
-        if receiver is not None and not receiver.done():
-            receiver.set_exception(closed)
-        for waiter, _ in (self._pings or {}).values():
-            if not waiter.done():
-                waiter.set_exception(closed)
-        self._pings = None
+        self._fail_waiters(protocol.close_exc)
         self._resume()
         self._lost = True
         if self._closed is not None and not self._closed.done():
@@ -363,58 +350,3 @@ class Connection(asyncio.Protocol):
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
             drained.set_result(None)
-
-    # Frames
-
-    def _frame(self, frame: Any) -> None:
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if frame.fin:
-                self._message(opcode, frame.data)
-            else:
-                self._fragments = [frame]
-        elif opcode is Opcode.CONT:
-            fragments = self._fragments
-            if fragments is None:
-                return
-            fragments.append(frame)
-            if frame.fin:
-                self._fragments = None
-                self._message(fragments[0].opcode, b"".join(part.data for part in fragments))
-        elif opcode is Opcode.PONG:
-            self._pong(bytes(frame.data))
-
-    def _message(self, opcode: Opcode, data: bytes) -> None:
-        message: str | bytes
-        if opcode is Opcode.TEXT:
-            try:
-                message = bytes(data).decode()
-            except UnicodeDecodeError as exc:
-                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                self.send_data()
-                return
-        else:
-            message = bytes(data)
-        receiver = self._receiver
-        if receiver is not None and not receiver.done():
-            self._receiver = None
-            receiver.set_result(message)
-            return
-        if self._messages is None:
-            self._messages = []
-        self._messages.append(message)
-        if len(self._messages) > _MAX_QUEUE:
-            self.transport.pause_reading()
-
-    def _pong(self, data: bytes) -> None:
-        pings = self._pings
-        if not pings or data not in pings:
-            return
-        now = self.loop.time()
-        # A pong answers its ping and every ping sent before it.
-        for sent in list(pings):
-            waiter, sent_at = pings.pop(sent)
-            if not waiter.done():
-                waiter.set_result(now - sent_at)
-            if sent == data:
-                break

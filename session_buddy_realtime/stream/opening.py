@@ -3,24 +3,22 @@
 A connection hands its first request here (``answer``): the listener's
 ``process_request`` (the router: a route's response, a refusal, or None to upgrade),
 then its ``process_response`` (the gate's bookkeeping), then the response. After a
-101 the request's headers are dropped and the handler runs in a task of its own; the
-response is held for the handler's first message to take along (``write_first``).
+101 the request's headers are dropped and the handler runs in a task of its own, at
+once or when the client first has something for it; the response is held for the
+handler's first message to take along (``write_first``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import http
 import inspect
 import logging
 import socket
 from collections.abc import Awaitable
-from typing import Any, Final
+from typing import Final
 
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -139,22 +137,12 @@ def _respond(
     # (``write_first``, from the handler's synchronous start); if it sent nothing, the
     # response goes out now.
     request.headers = _NO_HEADERS
-    task = connection.loop.create_task(config.handler(connection))
-    config.tasks.add(task)
-    task.add_done_callback(functools.partial(_handler_done, connection))
+    handler = config.handler(connection)
+    if callable(handler):
+        connection.waiting = handler  # started by the client's first message, or its end
+    else:
+        config.run(connection, handler)
     connection.send_data()
-
-
-def _handler_done(connection: Connection, task: asyncio.Task[Any]) -> None:
-    failed = None if task.cancelled() else task.exception()
-    if failed is not None and not isinstance(failed, ConnectionClosed):
-        logger.error("connection handler failed", exc_info=failed)
-    if connection.protocol.state is State.OPEN:
-        connection.protocol.send_close(
-            CloseCode.INTERNAL_ERROR if failed is not None else CloseCode.NORMAL_CLOSURE
-        )
-        connection.send_data()
-    connection.config.task_done(task)
 
 
 def text_frame(text: str) -> bytes:

@@ -32,6 +32,7 @@ from session_buddy_realtime.stream.gate import (
 from session_buddy_realtime.stream.hub import Hub
 from session_buddy_realtime.stream.keepalive import Keepalive
 from session_buddy_realtime.stream.listener import Listener
+from session_buddy_realtime.stream.receiving import Waiting
 from session_buddy_realtime.stream.router import HttpRouter, listen, listener_urls
 from session_buddy_realtime.stream.routes import install_routes
 from session_buddy_realtime.stream.security import (
@@ -324,11 +325,12 @@ class RealTimeMetricsServer:
         """Forget a client; harmless if it is unknown."""
         self._hub.remove(websocket)
 
-    def client_handler(self, websocket: Connection) -> Coroutine[Any, Any, None]:
+    def client_handler(self, websocket: Connection) -> Coroutine[Any, Any, None] | Waiting:
         """Serve one connection (``ClientSession.serve``) from welcome to close.
 
-        Returns the session's own coroutine (no frame of ours kept per client); the
-        session leaves the hub when it ends.
+        Returns the session's own coroutine, or what makes it when the client first has
+        something for it (no frame of ours kept per client); the session leaves the hub
+        when it ends.
         """
         session = self.register_client(websocket)
         running = self._running

@@ -41,6 +41,7 @@ from session_buddy_realtime.protocol import (
 from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.hub import Hub, Subscriber
 from session_buddy_realtime.stream.opening import text_frame
+from session_buddy_realtime.stream.receiving import Waiting
 from session_buddy_realtime.stream.security import AuthThrottle, RateLimiter, tokens_match
 
 __all__ = ["ClientSession", "SessionPolicy"]
@@ -142,9 +143,11 @@ class ClientSession(Subscriber):
             "congested": self.congested_since is not None,
         }
 
-    def serve(self, *, preauthenticated: bool) -> Coroutine[Any, Any, None]:
+    def serve(self, *, preauthenticated: bool) -> Coroutine[Any, Any, None] | Waiting:
         """Welcome the client now, then return what authenticates it if required and
-        answers its messages.
+        answers its messages: a coroutine to run at once when the client has to
+        authenticate (its time is counted), else one to start at the client's first
+        message or the connection's end (``Waiting``: no task for a quiet client).
 
         The welcome is written before this returns (with the handshake's response, see
         ``write_first``), so it precedes every update. Messages over the rate limit get one
@@ -155,7 +158,7 @@ class ClientSession(Subscriber):
         self.subscribed = self.policy.token is None or self.authenticated
         welcome = self.policy.welcome(subscribed=self.subscribed, authenticated=self.authenticated)
         self.hub.send_first(self, welcome)
-        return self._converse()
+        return self._converse if self.subscribed else self._converse()
 
     async def _converse(self) -> None:
         connection = self.connection
