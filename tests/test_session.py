@@ -126,8 +126,8 @@ async def test_serve_welcomes_then_answers_until_the_connection_ends() -> None:
     incoming message in order, and returns when the messages end."""
     session, connection, _ = _session(incoming=['{"type": "ping"}', '{"type": "unsubscribe"}'])
     served = session.serve(preauthenticated=False)
-    assert callable(served), "with nothing to authenticate, the session waits for the client"
-    await served()
+    assert served is session, "with nothing to authenticate, the session waits for the client"
+    await session.start()
     replies = _valid(connection.transport.frames() + connection.sent)
     assert [m["type"] for m in replies] == ["connected", "pong", "unsubscribed"]
     assert replies[0]["update_interval"] == 1.0

@@ -53,7 +53,7 @@ ProcessResponse = Callable[["Connection", Request, int], None]
 """Told the status of the handshake's answer before it is sent."""
 Handler = Callable[["Connection"], Coroutine[Any, Any, None] | Waiting]
 """Serves an open connection: its coroutine runs at once, or it is ``Waiting`` for the
-client's first message (or the connection's end)."""
+client's first message."""
 
 
 @dataclass(eq=False, slots=True)
@@ -315,7 +315,7 @@ class Connection(Receiving, asyncio.Protocol):
     def wake(self) -> None:
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
-            self.config.run(self, waiting())
+            self.config.run(self, waiting.start())
 
     def _forget(self) -> None:
         self.config.registry.remove(self)
@@ -324,8 +324,12 @@ class Connection(Receiving, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         protocol = self.protocol
         protocol.receive_eof()  # idempotent; the state is CLOSED from here on
-        if self.waiting is not None:
-            self.wake()  # before the listener can see no connection and no task
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            try:
+                waiting.gone()
+            except Exception:
+                logger.exception("connection handler failed")
         self._forget()
         if self.deadline is not None:
             self.deadline.cancel()
@@ -333,7 +337,7 @@ class Connection(Receiving, asyncio.Protocol):
         if self.early is not None:  # the TLS handshake never finished
             self.early = None
             return
-        self._fail_waiters(protocol.close_exc)
+        self._fail_waiters()
         self._resume()
         self._lost = True
         if self._closed is not None and not self._closed.done():

@@ -26,6 +26,7 @@ from websockets.server import ServerProtocol
 from session_buddy_realtime.stream.connection import Connection
 from session_buddy_realtime.stream.gate import SEND_BUFFER_BYTES
 from session_buddy_realtime.stream.handshake import switching_protocols
+from session_buddy_realtime.stream.receiving import Waiting
 
 __all__ = ["answer", "socket_options", "text_frame", "write_first"]
 
@@ -138,8 +139,8 @@ def _respond(
     # response goes out now.
     request.headers = _NO_HEADERS
     handler = config.handler(connection)
-    if callable(handler):
-        connection.waiting = handler  # started by the client's first message, or its end
+    if isinstance(handler, Waiting):
+        connection.waiting = handler  # started by the client's first message
     else:
         config.run(connection, handler)
     connection.send_data()

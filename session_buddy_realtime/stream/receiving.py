@@ -3,17 +3,17 @@ that waits for them.
 
 Messages wait in a list that ``recv()`` reads, with no coroutine while the client is
 quiet; a handler that has nothing to do before the client speaks is not even started
-until then (``waiting``): an idle connection holds no task.
+until then (``Waiting``): an idle connection holds no task, and one that ends without a
+word never runs its handler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, Final
 
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -23,8 +23,19 @@ __all__ = ["Receiving", "Waiting"]
 _MAX_QUEUE: Final = 16
 """Messages received and not yet read at which reading from the socket pauses."""
 
-Waiting = Callable[[], Coroutine[Any, Any, None]]
-"""A handler to start when its connection first has a message for it, or ends."""
+
+class Waiting:
+    """A handler with nothing to do until its client sends a message."""
+
+    __slots__ = ()
+
+    def start(self) -> Coroutine[Any, Any, None]:
+        """What runs from the client's first message (which ``recv()`` gives)."""
+        raise NotImplementedError
+
+    def gone(self) -> None:
+        """The connection ended before any message: nothing to start."""
+        raise NotImplementedError
 
 
 class Receiving:
@@ -39,7 +50,7 @@ class Receiving:
 
     def __init__(self) -> None:
         self.waiting: Waiting | None = None
-        """A handler not started yet (see ``wake``)."""
+        """A handler not started yet (``wake`` starts it)."""
         self._messages: list[str | bytes] | None = None
         self._receiver: asyncio.Future[str | bytes] | None = None
         self._fragments: list[Frame] | None = None
@@ -49,7 +60,7 @@ class Receiving:
         raise NotImplementedError
 
     def wake(self) -> None:
-        """Start the ``waiting`` handler."""
+        """Start the ``waiting`` handler: a message has come for it."""
         raise NotImplementedError
 
     def recv(self) -> Awaitable[str | bytes]:
@@ -81,15 +92,18 @@ class Receiving:
         self._pings[data] = (waiter, self.loop.time())
         return waiter
 
-    def _fail_waiters(self, closed: ConnectionClosed) -> None:
+    def _fail_waiters(self) -> None:
         """The connection is gone: whoever waits for a message or a pong learns it."""
-        receiver, self._receiver = self._receiver, None
+        receiver, pings = self._receiver, self._pings
+        if receiver is None and not pings:
+            return  # (the exception is made only for someone to receive it)
+        self._receiver = self._pings = None
+        closed = self.protocol.close_exc
         if receiver is not None and not receiver.done():
             receiver.set_exception(closed)
-        for waiter, _ in (self._pings or {}).values():
+        for waiter, _ in (pings or {}).values():
             if not waiter.done():
                 waiter.set_exception(closed)
-        self._pings = None
 
     def _frame(self, frame: Any) -> None:
         opcode = frame.opcode

@@ -96,7 +96,7 @@ class SessionPolicy:
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
-class ClientSession(Subscriber):
+class ClientSession(Subscriber, Waiting):
     """One connected client: its authentication, rate limit and messages."""
 
     hub: Hub[ClientSession]
@@ -146,8 +146,8 @@ class ClientSession(Subscriber):
     def serve(self, *, preauthenticated: bool) -> Coroutine[Any, Any, None] | Waiting:
         """Welcome the client now, then return what authenticates it if required and
         answers its messages: a coroutine to run at once when the client has to
-        authenticate (its time is counted), else one to start at the client's first
-        message or the connection's end (``Waiting``: no task for a quiet client).
+        authenticate (its time is counted), else the session itself, ``Waiting`` for
+        the client's first message (no task for a quiet client).
 
         The welcome is written before this returns (with the handshake's response, see
         ``write_first``), so it precedes every update. Messages over the rate limit get one
@@ -158,7 +158,15 @@ class ClientSession(Subscriber):
         self.subscribed = self.policy.token is None or self.authenticated
         welcome = self.policy.welcome(subscribed=self.subscribed, authenticated=self.authenticated)
         self.hub.send_first(self, welcome)
-        return self._converse if self.subscribed else self._converse()
+        return self if self.subscribed else self._converse()
+
+    def start(self) -> Coroutine[Any, Any, None]:
+        """Answer the client's messages, from its first (``Waiting``)."""
+        return self._converse()
+
+    def gone(self) -> None:
+        """The client left without a message (``Waiting``)."""
+        self.hub.remove(self.connection)
 
     async def _converse(self) -> None:
         connection = self.connection
