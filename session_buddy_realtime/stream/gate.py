@@ -213,7 +213,11 @@ class HandshakeGate:
                 http.HTTPStatus.FORBIDDEN,
                 "Origin not allowed",
             )
-        provided = handshake_token(headers.raw_items(), request.path)
+        provided = (
+            handshake_token(headers.raw_items(), request.path)
+            if "Authorization" in headers or "?" in request.path
+            else None  # where a token would be, there is nothing
+        )
         if provided is not None and self.token is not None:
             ip = peer_ip(connection)
             wait = self.throttle.wait(ip)

@@ -73,7 +73,7 @@ def answer(connection: Connection, request: Request, accept: str | None) -> None
     except Exception:
         logger.exception("process_request failed")
         answer = _failed(connection)
-    if inspect.isawaitable(answer):
+    if answer is not None and inspect.isawaitable(answer):
         task = connection.loop.create_task(_answer_later(connection, request, answer, accept))
         connection.config.tasks.add(task)
         task.add_done_callback(connection.config.task_done)

@@ -97,6 +97,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=256)  # as is_loopback: mostly the same few values
 def host_of(value: str) -> str | None:
     """The host name of a ``Host`` header value; None when the value is malformed."""
     value = value.strip()
