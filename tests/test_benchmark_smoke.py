@@ -14,6 +14,7 @@ from tests.redis_support import needs_redis
 
 BENCHMARK = Path(__file__).parent / "benchmarks" / "fanout.py"
 SCALEOUT = Path(__file__).parent / "benchmarks" / "scaleout.py"
+HANDSHAKES = Path(__file__).parent / "benchmarks" / "handshakes.py"
 
 
 @pytest.mark.timeout(240)
@@ -49,6 +50,34 @@ def test_fanout_benchmark_smoke_run_prints_its_report() -> None:
         same = re.search(r"node \d+ B \((-?[\d.]+) %, same shape\)", report)
         assert same is not None, report
         assert abs(float(same.group(1))) <= 1.0, report
+
+
+@pytest.mark.timeout(120)
+def test_handshake_benchmark_smoke_run_compares_two_trees(tmp_path: Path) -> None:
+    """`handshakes.py` with this checkout named as a second tree measures both and the
+    floor (50 clients, one round), and prints each against the first; the figures are
+    not checked."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(HANDSHAKES),
+            f"--servers=ours,tree={root},floor",
+            "--clients=50",
+            "--rounds=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stdout
+    assert "handshakes alone: 50 clients" in report, report
+    for name in ("ours", "tree", "floor"):
+        assert re.search(rf"^  {name} +[\d.]+ µs per handshake", report, re.MULTILINE), report
+    assert "(against ours)" in report, report
+    assert "Traceback" not in result.stderr
 
 
 @needs_redis

@@ -836,10 +836,14 @@ class Process:
         self.popen.wait()
 
 
-def server_process(kind: str, db: Path, interval: float) -> Process:
-    """Start the server ``kind`` on a free port; its first line (``read()``) is the port."""
+def server_process(
+    kind: str, db: Path, interval: float, env: dict[str, str] | None = None
+) -> Process:
+    """Start the server ``kind`` on a free port; its first line (``read()``) is the port.
+
+    ``env``: the environment of a Python server's process (default: this one's)."""
     if kind != "node":
-        return Process("_server", kind, "0", str(db), str(interval))
+        return Process("_server", kind, "0", str(db), str(interval), env=env)
     peer = prepare_node_peer()
     if peer is None:
         raise RuntimeError(f"the node peer cannot run: {_node_problem}")
