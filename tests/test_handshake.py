@@ -239,6 +239,31 @@ async def test_a_message_sent_with_the_request_is_answered(
     writer.close()
 
 
+async def test_a_close_frame_sent_with_the_request_ends_the_stream_quietly(
+    skills_db: SkillsDB, start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends a close frame right behind its request (before any answer):
+    the library ends the stream while reading, so the server writes nothing more, logs
+    no error, and forgets the connection."""
+    server = await start_server()
+    running = server._running
+    assert running is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    mask = b"\x01\x02\x03\x04"
+    code = (1000).to_bytes(2, "big")
+    writer.write(
+        PLAIN
+        + bytes([0x88, 0x80 | len(code)])
+        + mask
+        + bytes(b ^ mask[i] for i, b in enumerate(code))
+    )
+    assert await asyncio.wait_for(reader.read(), 40 * UNIT) == b""
+    await wait_until(lambda: not running.registry.connections)
+    assert server.status()["client_count"] == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    writer.close()
+
+
 async def test_with_the_protocol_log_at_debug_the_library_reads_and_logs_the_request(
     skills_db: SkillsDB, start_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

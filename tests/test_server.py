@@ -481,6 +481,67 @@ async def test_quiet_clients_that_leave_are_forgotten(
     assert server.status()["errors"] == 0
 
 
+async def test_a_quiet_client_unsubscribed_by_the_host_is_not_asked_to_authenticate(
+    ranked_db: SkillsDB, start_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """Without a token, a client unsubscribed through the seed's handle_client_message
+    before it said anything is answered when it speaks, and never closed for want of a
+    token (whether to ask for one is decided at the upgrade, not at its first message)."""
+    server = await start_server(auth_timeout=5 * UNIT)
+    client = await open_client(url_of(server))
+    [connection] = server._hub.sessions
+    await server.handle_client_message(connection, '{"type": "unsubscribe"}')
+    await client.recv_type("unsubscribed")
+    await client.send_json({"type": "ping"})
+    await client.recv_type("pong")
+    # Past the auth timeout, it is still open and answered.
+    await asyncio.sleep(10 * UNIT)
+    await client.send_json({"type": "ping"})
+    await client.recv_type("pong")
+    assert client.ws.close_code is None
+    assert server.status()["auth_failures"] == 0
+
+
+async def test_client_handler_is_the_seeds_coroutine(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """client_handler(websocket) returns what the seed's ``async def`` did: a coroutine
+    that welcomes, answers each message and returns when they end, leaving the hub."""
+    from tests.fakes import FakeConnection
+
+    server = await start_server()
+    connection = FakeConnection(['{"type": "ping"}'])
+    await asyncio.create_task(server.client_handler(connection))  # type: ignore[arg-type]
+    assert [m["type"] for m in connection.sent] == ["pong"]
+    assert connection not in server._hub.sessions
+
+
+async def test_a_session_that_cannot_start_leaves_with_its_connection(
+    ranked_db: SkillsDB,
+    start_server: ServerFactory,
+    open_client: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If a waiting session fails to start at its client's first message, that
+    connection is dropped and its session leaves the hub; the server serves on."""
+    from session_buddy_realtime.stream.session import ClientSession
+
+    server = await start_server()
+    failing = await open_client(url_of(server))
+
+    def broken(session: ClientSession) -> Any:
+        raise RuntimeError("cannot start")
+
+    monkeypatch.setattr(ClientSession, "start", broken)
+    await failing.send_json({"type": "ping"})
+    await asyncio.wait_for(failing.ws.wait_closed(), 40 * UNIT)
+    await wait_until(lambda: server.status()["client_count"] == 0)
+    monkeypatch.undo()
+    healthy = await open_client(url_of(server))
+    await healthy.send_json({"type": "ping"})
+    await healthy.recv_type("pong")
+
+
 # Lifecycle
 
 

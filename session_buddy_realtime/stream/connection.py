@@ -313,9 +313,11 @@ class Connection(Receiving, asyncio.Protocol):
         self.send_data()
 
     def wake(self) -> None:
-        waiting, self.waiting = self.waiting, None
+        waiting = self.waiting
         if waiting is not None:
-            self.config.run(self, waiting.start())
+            handler = waiting.start()  # should it fail, connection_lost still calls gone()
+            self.waiting = None
+            self.config.run(self, handler)
 
     def _forget(self) -> None:
         self.config.registry.remove(self)

@@ -105,6 +105,11 @@ def _respond(
     config = connection.config
     if not connection.opening or connection.transport.is_closing():
         return  # gone (or dropped) while a route was answering
+    if accept is None and connection.protocol.eof_sent:
+        # The library ended the stream while reading (a close frame behind the request,
+        # say): nothing more can be written.
+        connection.transport.close()
+        return
     if response is None and accept is None:
         response = connection.protocol.accept(request)
     status = http.HTTPStatus.SWITCHING_PROTOCOLS if response is None else response.status_code

@@ -263,7 +263,7 @@ class RealTimeMetricsServer:
             )
             try:
                 listener = await listen(
-                    self.client_handler,
+                    self._open_session,
                     self.host,
                     self.port,
                     router=router,
@@ -325,13 +325,15 @@ class RealTimeMetricsServer:
         """Forget a client; harmless if it is unknown."""
         self._hub.remove(websocket)
 
-    def client_handler(self, websocket: Connection) -> Coroutine[Any, Any, None] | Waiting:
-        """Serve one connection (``ClientSession.serve``) from welcome to close.
+    def client_handler(self, websocket: Connection) -> Coroutine[Any, Any, None]:
+        """Serve one connection (``ClientSession.serve``) from welcome to close: the
+        seed's handler, to await; the session leaves the hub when it ends."""
+        served = self._open_session(websocket)
+        return served.start() if isinstance(served, Waiting) else served
 
-        Returns the session's own coroutine, or what makes it when the client first has
-        something for it (no frame of ours kept per client); the session leaves the hub
-        when it ends.
-        """
+    def _open_session(self, websocket: Connection) -> Coroutine[Any, Any, None] | Waiting:
+        """The listener's handler: the session's coroutine, or the session itself when it
+        waits for its client's first message (no task, no frame of ours per quiet client)."""
         session = self.register_client(websocket)
         running = self._running
         return session.serve(

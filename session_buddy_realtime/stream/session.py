@@ -158,20 +158,22 @@ class ClientSession(Subscriber, Waiting):
         self.subscribed = self.policy.token is None or self.authenticated
         welcome = self.policy.welcome(subscribed=self.subscribed, authenticated=self.authenticated)
         self.hub.send_first(self, welcome)
-        return self if self.subscribed else self._converse()
+        # Decided now: by its first message the session may have been unsubscribed, which
+        # is not a reason to ask for a token.
+        return self._converse(authenticate=True) if not self.subscribed else self
 
     def start(self) -> Coroutine[Any, Any, None]:
         """Answer the client's messages, from its first (``Waiting``)."""
-        return self._converse()
+        return self._converse(authenticate=False)
 
     def gone(self) -> None:
         """The client left without a message (``Waiting``)."""
         self.hub.remove(self.connection)
 
-    async def _converse(self) -> None:
+    async def _converse(self, *, authenticate: bool) -> None:
         connection = self.connection
         try:
-            if not self.subscribed and not await self._authenticate():
+            if authenticate and not await self._authenticate():
                 return
             # recv() in a loop rather than ``async for``: no async generator kept per client.
             while True:
