@@ -481,6 +481,26 @@ async def test_quiet_clients_that_leave_are_forgotten(
     assert server.status()["errors"] == 0
 
 
+async def test_after_the_closing_handshake_the_server_ends_the_connection_itself(
+    ranked_db: SkillsDB, start_server: ServerFactory
+) -> None:
+    """A client that sends its close frame and then keeps its socket open gets the close
+    reply and the end of the stream, and the server forgets it at once: it does not wait
+    for the client's own end (nor for the 60 s close timeout)."""
+    server = await start_server(close_timeout=60.0)
+    assert server._running is not None
+    registry = server._running.registry
+    reader, writer = await raw_websocket(server.port)
+    mask = b"\x01\x02\x03\x04"
+    code = (1000).to_bytes(2, "big")
+    writer.write(bytes([0x88, 0x82]) + mask + bytes(b ^ mask[i] for i, b in enumerate(code)))
+    seen = await asyncio.wait_for(reader.read(), 40 * UNIT)  # up to the end of the stream
+    assert b"\x88\x02\x03\xe8" in seen  # the close reply, 1000
+    await wait_until(lambda: not registry.connections, timeout=40 * UNIT)
+    assert server.status()["client_count"] == 0
+    writer.close()
+
+
 async def test_a_quiet_client_unsubscribed_by_the_host_is_not_asked_to_authenticate(
     ranked_db: SkillsDB, start_server: ServerFactory, open_client: ClientFactory
 ) -> None:

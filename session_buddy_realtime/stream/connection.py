@@ -11,7 +11,6 @@ read), and TLS runs after it is counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import ssl
@@ -211,7 +210,7 @@ class Connection(Receiving, asyncio.Protocol):
 
     def send_data(self, then: bytes = b"") -> None:
         """Write a held response, what the protocol has to send, then ``then`` (a
-        prebuilt frame), in one write; half-close at the protocol's end of stream."""
+        prebuilt frame), in one write; close at the protocol's end of stream."""
         chunks = self.protocol.data_to_send()
         ending = bool(chunks) and not chunks[-1]
         if self.held is not None:
@@ -225,11 +224,11 @@ class Connection(Receiving, asyncio.Protocol):
             if data:
                 transport.write(data)
             if ending:
-                if transport.can_write_eof():
-                    with contextlib.suppress(OSError, RuntimeError):
-                        transport.write_eof()
-                else:
-                    transport.close()
+                # The library is done with the stream (the closing handshake is over, or
+                # it failed the connection): close it once what is written has gone,
+                # rather than half-close and wait for the client's end, which the kernel
+                # takes care of. (A client that sends after its close frame gets a reset.)
+                transport.close()
         if self.deadline is None and self.protocol.state is State.CLOSING and self.config.serving:
             # The closing handshake gets close_timeout; then the socket is dropped. (Once
             # the listener closes, its own deadline covers every connection.)
