@@ -17,6 +17,13 @@ SCALEOUT = Path(__file__).parent / "benchmarks" / "scaleout.py"
 HANDSHAKES = Path(__file__).parent / "benchmarks" / "handshakes.py"
 
 
+def _run(command: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark to its end; it must exit 0 (its stderr's end shown if not)."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.timeout(240)
 def test_fanout_benchmark_smoke_run_prints_its_report() -> None:
     """`fanout.py --smoke` (N=50, one round) measures the three Python servers, and the
@@ -24,14 +31,7 @@ def test_fanout_benchmark_smoke_run_prints_its_report() -> None:
     into a cache folder, about a minute the first time), and prints the table, the ratios,
     the stall comparison and every goal line; whether goals pass is not checked. Without
     Node.js the peer is skipped with one line and the rest runs as before."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=230,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run([sys.executable, str(BENCHMARK), "--smoke"], timeout=230)
     report = result.stdout
     for kind in ("baseline", "ours", "floor"):
         assert f"    50 {kind}" in report, report
@@ -58,7 +58,7 @@ def test_handshake_benchmark_smoke_run_compares_two_trees(tmp_path: Path) -> Non
     floor (50 clients, one round), and prints each against the first; the figures are
     not checked."""
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
+    result = _run(
         [
             sys.executable,
             str(HANDSHAKES),
@@ -66,12 +66,8 @@ def test_handshake_benchmark_smoke_run_compares_two_trees(tmp_path: Path) -> Non
             "--clients=50",
             "--rounds=1",
         ],
-        capture_output=True,
-        text=True,
         timeout=110,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     report = result.stdout
     assert "handshakes alone: 50 clients" in report, report
     for name in ("ours", "tree", "floor"):
@@ -86,14 +82,7 @@ def test_scaleout_benchmark_smoke_run_prints_its_report() -> None:
     """`scaleout.py --smoke` (N=50, one round, its own redis-server) measures one process
     against two edges and the extra hop, and prints both tables; the figures are not
     checked."""
-    result = subprocess.run(
-        [sys.executable, str(SCALEOUT), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run([sys.executable, str(SCALEOUT), "--smoke"], timeout=110)
     report = result.stdout
     for setup in ("one process", "two edges"):
         assert f"    50  {setup}" in report, report
