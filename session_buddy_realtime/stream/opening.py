@@ -104,11 +104,8 @@ def _respond(
 ) -> None:
     config = connection.config
     if not connection.opening or connection.transport.is_closing():
-        return  # gone (or dropped) while a route was answering
-    if accept is None and connection.protocol.eof_sent:
-        # The library ended the stream while reading (a close frame behind the request,
-        # say): nothing more can be written.
-        connection.transport.close()
+        # Gone or dropped while a route was answering, or ended by the library while it
+        # read the request (a close frame behind it, say): nothing more to write.
         return
     if response is None and accept is None:
         response = connection.protocol.accept(request)

@@ -27,11 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parents[2]
-for _path in (str(HERE.parent), str(ROOT)):
-    while _path in sys.path:
-        sys.path.remove(_path)
-    sys.path.insert(0, _path)
+sys.path.insert(0, str(HERE.parent))
 
 import fanout  # noqa: E402  (the servers, the swarm and their process wrapper)
 
